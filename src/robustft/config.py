@@ -1,0 +1,112 @@
+"""Configuration: validation against the JSON schema, and canonical hyper-parameter spelling.
+
+Imported by the Snakefile at parse time, so it must stay light (no torch, no sklearn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong. The message is one line and names the key."""
+
+
+def format_hparam(value: float | int | str) -> str:
+    """One spelling per value, so that `1e-3`, `0.001` and "1.0e-3" name the same folder."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"not a number: {value!r}") from None
+    return f"{number:g}"
+
+
+def load_schema(path: str | Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def _key_path(path: Iterable[Any]) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    key = _key_path(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        where = "" if key == "<top level>" else f" under '{key}'"
+        names = ", ".join(repr(name) for name in extra) or "?"
+        return f"unknown config key {names}{where}; allowed: {', '.join(allowed)}"
+    if error.validator == "enum":
+        choices = ", ".join(str(choice) for choice in error.validator_value)
+        return f"config key '{key}': {error.instance!r} is not one of: {choices}"
+    if error.validator == "pattern":
+        # The schema uses patterns only for numbers that YAML or --config left as strings.
+        return f"config key '{key}': {error.instance!r} is not a positive number"
+    if error.validator in {"oneOf", "anyOf"} and error.context:
+        # Report the branch that got furthest, not jsonschema's summary of all branches.
+        return _describe(jsonschema.exceptions.best_match(error.context))
+    return f"config key '{key}': {error.message}"
+
+
+def _fill_defaults(validator_class: type) -> type:
+    """Extend a validator so that missing keys get the schema's `default` (as Snakemake does)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):  # noqa: ANN001
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = _copy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy(item) for item in value]
+    return value
+
+
+def validate_config(config: dict[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill defaults into `config` in place and check it; raise ConfigError (one line) if wrong."""
+    validator = _fill_defaults(jsonschema.Draft7Validator)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError(_describe(jsonschema.exceptions.best_match(errors)))
+    _check_cross_references(config)
+    return config
+
+
+def _check_cross_references(config: dict[str, Any]) -> None:
+    """Checks a JSON schema cannot express: values that must agree with one another."""
+    for method in config["methods"]:
+        if method == "lp":
+            continue
+        grid = config["finetune"][method]["lr_grid"]
+        spellings = [format_hparam(lr) for lr in grid]
+        if any(float(lr) <= 0 for lr in grid):
+            raise ConfigError(f"config key 'finetune.{method}.lr_grid': learning rates must be > 0")
+        if len(set(spellings)) != len(spellings):
+            raise ConfigError(
+                f"config key 'finetune.{method}.lr_grid': duplicate learning rate in {grid}"
+            )
+    if len(set(config["seeds"])) != len(config["seeds"]):
+        raise ConfigError(f"config key 'seeds': duplicate seed in {config['seeds']}")
+    toyshift = config.get("toyshift")
+    if toyshift and "toyshift" in config["datasets"]:
+        counts = toyshift["pretrain_images_per_class"]
+        if sum(counts.values()) == 0:
+            raise ConfigError("config key 'toyshift.pretrain_images_per_class': all counts are 0")

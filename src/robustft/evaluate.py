@@ -1,0 +1,32 @@
+"""Batched inference: logits and accuracy of a classifier on a dataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module, dataset: Dataset, *, batch_size: int = 512, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N, C) and labels (N,) of `model` in eval mode; restores the model's mode."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            logits.append(model(images.to(device, non_blocking=True)).float().cpu())
+            labels.append(targets)
+    finally:
+        model.train(was_training)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def accuracy(
+    model: nn.Module, dataset: Dataset, *, batch_size: int = 512, device: str = "cpu"
+) -> float:
+    logits, labels = predict_logits(model, dataset, batch_size=batch_size, device=device)
+    return float((logits.argmax(axis=1) == labels).mean())

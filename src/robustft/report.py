@@ -1,0 +1,148 @@
+"""Summary tables (CSV and Markdown) and the ID-vs-OOD plot."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from robustft.io import atomic_path, read_json
+
+Z_90 = 1.645  # two-sided 90% normal interval, as in Kumar et al. 2022
+
+
+def interval90(values: Sequence[float]) -> float:
+    """Half-width of the 90% interval of the mean: 1.645 · sample std / √n (0 for n = 1)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return 0.0
+    return float(Z_90 * values.std(ddof=1) / math.sqrt(len(values)))
+
+
+def summarize_runs(
+    *, method: str, runs: Sequence[Mapping[str, Any]], ood_splits: Sequence[str],
+    hparam_name: str, hparam_value: str,
+) -> dict[str, Any]:
+    """One table row from the per-seed metrics of a method's selected runs.
+
+    OOD accuracy of a run is the mean over its OOD splits; the row's OOD is the mean over
+    seeds of that, with its interval.
+    """
+    if not runs:
+        raise ValueError(f"no runs for method {method!r}")
+    id_test = [run["id_test"] for run in runs]
+    ood = [float(np.mean([run[f"ood_{split}"] for split in ood_splits])) for run in runs]
+    row: dict[str, Any] = {
+        "method": method, "hparam": f"{hparam_name}={hparam_value}", "seeds": len(runs),
+        "id_val": float(np.mean([run["id_val"] for run in runs])),
+        "id": float(np.mean(id_test)), "id_ci90": interval90(id_test),
+        "ood": float(np.mean(ood)), "ood_ci90": interval90(ood),
+    }
+    for split in ood_splits:
+        values = [run[f"ood_{split}"] for run in runs]
+        row[f"ood_{split}"] = float(np.mean(values))
+        row[f"ood_{split}_ci90"] = interval90(values)
+    return row
+
+
+def probe_row(*, metrics_files: Sequence[str | Path], ood_splits: Sequence[str]) -> dict[str, Any]:
+    runs = [read_json(path) for path in metrics_files]
+    values = sorted({f"{run['C']:.3g}" for run in runs})
+    return summarize_runs(method="lp", runs=runs, ood_splits=ood_splits, hparam_name="C",
+                          hparam_value="/".join(values))
+
+
+def selected_row(*, method: str, selection_file: str | Path,
+                 ood_splits: Sequence[str]) -> dict[str, Any]:
+    selection = read_json(selection_file)
+    return summarize_runs(method=method, runs=selection["runs"], ood_splits=ood_splits,
+                          hparam_name="lr", hparam_value=f"{selection['lr']:g}")
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """Percentages with their 90% intervals, one row per method."""
+    ood_columns = [c for c in table.columns
+                   if c.startswith("ood_") and not c.endswith("_ci90")]
+    shown = pd.DataFrame({
+        key: table[key] for key in ("dataset", "backbone", "method", "hparam", "seeds")
+        if key in table
+    })
+    shown["ID"] = [_pct(m, c) for m, c in zip(table["id"], table["id_ci90"], strict=True)]
+    shown["OOD (mean)"] = [_pct(m, c) for m, c in zip(table["ood"], table["ood_ci90"],
+                                                        strict=True)]
+    for column in ood_columns:
+        shown[column.removeprefix("ood_")] = [
+            _pct(m, c) for m, c in zip(table[column], table[f"{column}_ci90"], strict=True)
+        ]
+    return shown.to_markdown(index=False) + "\n"
+
+
+def _pct(mean: float, ci: float) -> str:
+    if isinstance(mean, float) and math.isnan(mean):
+        return "–"
+    return f"{100 * mean:.1f} ± {100 * ci:.1f}"
+
+
+def write_tables(table: pd.DataFrame, *, csv_path: str | Path, md_path: str | Path) -> None:
+    with atomic_path(csv_path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6f")
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(to_markdown(table), encoding="utf-8")
+
+
+def plot_id_vs_ood(table: pd.DataFrame, *, out_path: str | Path) -> None:
+    """ID accuracy (x) against mean OOD accuracy (y), one point per method with 90% bars;
+    one panel per dataset and backbone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(table.groupby(["dataset", "backbone"], sort=True))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
+    for ax, ((dataset, backbone), rows) in zip(axes[0], groups, strict=True):
+        for _, row in rows.iterrows():
+            ax.errorbar(100 * row["id"], 100 * row["ood"], xerr=100 * row["id_ci90"],
+                        yerr=100 * row["ood_ci90"], fmt="o", capsize=3, label=row["method"])
+            ax.annotate(row["method"], (100 * row["id"], 100 * row["ood"]),
+                        textcoords="offset points", xytext=(5, 5))
+        ax.set_xlabel("ID test accuracy (%)")
+        ax.set_ylabel("OOD accuracy, mean of splits (%)")
+        ax.set_title(f"{dataset} · {backbone}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def aggregate_dataset(
+    *, dataset: str, sources: Mapping[str, str | Sequence[str]], ood_splits: Sequence[str],
+    csv_path: str | Path, md_path: str | Path,
+) -> pd.DataFrame:
+    """The table of one dataset: a row per (backbone, method), from `sources`, which maps
+    "method/backbone" to the probe metrics of every seed (lp) or a `select_run` file."""
+    rows = []
+    for key, files in sources.items():
+        method, backbone = key.split("/", 1)
+        if method == "lp":
+            row = probe_row(metrics_files=list(files), ood_splits=ood_splits)
+        else:
+            row = selected_row(method=method, selection_file=str(files), ood_splits=ood_splits)
+        rows.append({"dataset": dataset, "backbone": backbone, **row})
+    table = pd.DataFrame(rows)
+    write_tables(table, csv_path=csv_path, md_path=md_path)
+    return table
+
+
+def summary_table(
+    *, csv_files: Sequence[str | Path], csv_path: str | Path, md_path: str | Path
+) -> pd.DataFrame:
+    """All datasets' tables in one."""
+    table = pd.concat([pd.read_csv(path) for path in csv_files], ignore_index=True)
+    write_tables(table, csv_path=csv_path, md_path=md_path)
+    return table

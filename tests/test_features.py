@@ -1,0 +1,109 @@
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from robustft.features import read_features, write_features
+from robustft.models import ImageClassifier, Preprocess, build_backbone, load_backbone
+from robustft.models import save_backbone
+from robustft.stages import load_probe_head
+
+ATTRS = {"backbone": "toyresnet", "weights_sha256": "ab" * 32, "preprocessing": "none"}
+
+
+def test_hdf5_round_trip_keeps_arrays_and_attributes(tmp_path):
+    features = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+    labels = np.arange(10) % 3
+    path = tmp_path / "f" / "train.h5"
+    write_features(path, features=features, labels=labels, attrs=ATTRS)
+    loaded = read_features(path, num_classes=3)
+    np.testing.assert_array_equal(loaded.features, features)
+    np.testing.assert_array_equal(loaded.labels, labels)
+    assert loaded.labels.dtype == np.int64
+    assert loaded.attrs["backbone"] == "toyresnet"
+    assert loaded.attrs["count"] == 10
+    assert sorted(p.name for p in path.parent.iterdir()) == ["train.h5"]  # no temp left
+
+
+def test_a_failed_write_leaves_nothing(tmp_path):
+    path = tmp_path / "train.h5"
+    with pytest.raises(ValueError):
+        write_features(path, features=np.zeros((3, 2), np.float32), labels=np.zeros(4),
+                       attrs=ATTRS)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("problem", ["missing_labels", "wrong_shape", "label_range", "nan",
+                                     "not_hdf5", "absent"])
+def test_bad_feature_files_are_rejected_naming_the_file(tmp_path, problem):
+    path = tmp_path / "val.h5"
+    features = np.ones((4, 3), np.float32)
+    labels = np.array([0, 1, 2, 0])
+    if problem == "not_hdf5":
+        path.write_bytes(b"not an hdf5 file at all")
+    elif problem != "absent":
+        with h5py.File(path, "w") as handle:
+            handle["features"] = {"wrong_shape": np.ones(4, np.float32),
+                                  "nan": np.full((4, 3), np.nan, np.float32)}.get(problem,
+                                                                                  features)
+            if problem != "missing_labels":
+                handle["labels"] = labels + (5 if problem == "label_range" else 0)
+    with pytest.raises((ValueError, FileNotFoundError), match="val.h5"):
+        read_features(path, num_classes=3)
+
+
+def test_backbone_round_trip_and_checksum(tmp_path):
+    backbone = build_backbone(architecture="toyresnet", kwargs={"width": 4})
+    pre = Preprocess(input_size=32, mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0))
+    save_backbone(backbone=backbone, out_dir=tmp_path, architecture="toyresnet",
+                  kwargs={"width": 4}, preprocess=pre)
+    loaded, loaded_pre, _ = load_backbone(tmp_path)
+    assert loaded_pre == pre
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key])
+    raw = bytearray((tmp_path / "model.safetensors").read_bytes())
+    raw[-1] ^= 0xFF
+    (tmp_path / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="model.safetensors: checksum"):
+        load_backbone(tmp_path)
+
+
+def test_checkpoint_of_another_architecture_is_rejected(tmp_path):
+    save_backbone(backbone=build_backbone(architecture="toyresnet", kwargs={"width": 8}),
+                  out_dir=tmp_path, architecture="toyresnet", kwargs={"width": 8},
+                  preprocess=Preprocess(input_size=32, mean=(0, 0, 0), std=(1, 1, 1)))
+    import json
+
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    meta["kwargs"] = {"width": 4}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="do not fit this architecture"):
+        load_backbone(tmp_path)
+
+
+def test_lpft_head_from_the_probe_reproduces_the_probe(tmp_path):
+    """LP-FT starts exactly where LP ended: the model before fine-tuning predicts as the probe."""
+    from safetensors.numpy import save_file
+
+    from robustft.probe import fit_probe
+
+    torch.manual_seed(0)
+    backbone = build_backbone(architecture="toyresnet", kwargs={"width": 4})
+    pre = Preprocess(input_size=16, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    model = ImageClassifier(backbone=backbone, num_classes=3, preprocess=pre).eval()
+    images = torch.rand(90, 3, 16, 16)
+    labels = np.arange(90) % 3
+    images[labels == 1, 0] += 0.5
+    images[labels == 2, 2] += 0.5
+    with torch.no_grad():
+        features = model.features(images).numpy()
+    probe = fit_probe(train_x=features, train_y=labels, val_x=features, val_y=labels,
+                      c_grid=[10.0], num_classes=3)
+    weight, bias = probe.raw_scale_head()
+    save_file({"weight": weight, "bias": bias}, str(tmp_path / "head.safetensors"))
+    head_weight, head_bias = load_probe_head(tmp_path)
+    with torch.no_grad():
+        model.head.weight.copy_(head_weight)
+        model.head.bias.copy_(head_bias)
+        predictions = model(images).argmax(1).numpy()
+    np.testing.assert_array_equal(predictions, probe.predict(features))

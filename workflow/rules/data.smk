@@ -1,0 +1,18 @@
+# Datasets: the embedded toyshift benchmark is generated from a seed.
+
+
+rule generate_toyshift:
+    output:
+        pretrain="resources/datasets/toyshift/pretrain.h5",
+        task="resources/datasets/toyshift/task.h5",
+    params:
+        settings=config["toyshift"],
+        progress=config["progress"],
+    log:
+        f"{LOGS}/generate_toyshift.log",
+    benchmark:
+        f"{BENCHMARKS}/generate_toyshift.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/generate_toyshift.py"

@@ -1,0 +1,43 @@
+# Fine-tuning (FT, LP-FT): one run per method, learning rate and seed; then the best lr.
+
+
+rule finetune:
+    input:
+        unpack(get_dataset_files),
+        unpack(get_backbone_files),
+        unpack(get_probe_files),
+    output:
+        model="results/finetune/{method}/{backbone}/{dataset}/lr{lr}/seed{seed}/model.safetensors",
+        history="results/finetune/{method}/{backbone}/{dataset}/lr{lr}/seed{seed}/history.csv",
+        metrics="results/finetune/{method}/{backbone}/{dataset}/lr{lr}/seed{seed}/metrics.json",
+        config="results/finetune/{method}/{backbone}/{dataset}/lr{lr}/seed{seed}/config.json",
+    params:
+        settings=lambda wildcards: get_finetune_settings(wildcards.method),
+        ood_splits=lambda wildcards: get_ood_splits(wildcards.dataset),
+        data_root=get_data_root,
+        device=config["device"],
+        progress=config["progress"],
+    threads: get_threads("finetune")
+    resources:
+        **get_stage_resources("finetune"),
+    log:
+        f"{LOGS}/finetune/{{method}}/{{backbone}}/{{dataset}}/lr{{lr}}/seed{{seed}}.log",
+    benchmark:
+        f"{BENCHMARKS}/finetune/{{method}}/{{backbone}}/{{dataset}}/lr{{lr}}/seed{{seed}}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/finetune.py"
+
+
+rule select_run:
+    input:
+        get_run_metrics,
+    output:
+        "results/selected/{method}/{backbone}/{dataset}.json",
+    log:
+        f"{LOGS}/select_run/{{method}}/{{backbone}}/{{dataset}}.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/select_run.py"

@@ -1,0 +1,56 @@
+# Tables and plots: cheap, so they run on the submitting machine.
+
+
+localrules:
+    select_run,
+    aggregate_tables,
+    summary_table,
+    plot_id_vs_ood,
+
+
+rule aggregate_tables:
+    input:
+        get_table_files,
+    output:
+        csv="results/tables/{dataset}.csv",
+        md="results/tables/{dataset}.md",
+    params:
+        sources=get_table_inputs,
+        ood_splits=lambda wildcards: get_ood_splits(wildcards.dataset),
+    log:
+        f"{LOGS}/aggregate_tables/{{dataset}}.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/aggregate_tables.py"
+
+
+rule summary_table:
+    input:
+        expand("results/tables/{dataset}.csv", dataset=config["datasets"]),
+    output:
+        csv="results/tables/summary.csv",
+        md="results/tables/summary.md",
+    log:
+        f"{LOGS}/summary_table.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/summary_table.py"
+
+
+rule plot_id_vs_ood:
+    input:
+        "results/tables/summary.csv",
+    output:
+        report(
+            "results/plots/id_vs_ood.png",
+            caption="../report/id_vs_ood.rst",
+            category="Accuracy",
+        ),
+    log:
+        f"{LOGS}/plot_id_vs_ood.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/plot_id_vs_ood.py"

@@ -1,0 +1,11 @@
+from robustft.report import aggregate_dataset
+from robustft.runtime import job
+
+with job(log_path=snakemake.log[0]):
+    aggregate_dataset(
+        dataset=snakemake.wildcards.dataset,
+        sources=snakemake.params.sources,
+        ood_splits=snakemake.params.ood_splits,
+        csv_path=snakemake.output.csv,
+        md_path=snakemake.output.md,
+    )

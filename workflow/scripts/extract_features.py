@@ -1,0 +1,17 @@
+from pathlib import Path
+
+from robustft.runtime import job, resolve_device
+from robustft.stages import extract_split
+
+with job(log_path=snakemake.log[0], threads=snakemake.threads):
+    extract_split(
+        dataset=snakemake.wildcards.dataset,
+        split=snakemake.wildcards.split,
+        data_root=snakemake.params.data_root,
+        model_dir=Path(snakemake.input.weights).parent,
+        out_path=snakemake.output[0],
+        backbone_name=snakemake.wildcards.backbone,
+        batch_size=snakemake.params.batch_size,
+        device=resolve_device(snakemake.params.device),
+        progress=snakemake.params.progress,
+    )

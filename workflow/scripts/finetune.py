@@ -1,0 +1,22 @@
+from pathlib import Path
+
+from robustft.runtime import job, resolve_device
+from robustft.stages import run_finetune
+
+with job(log_path=snakemake.log[0], threads=snakemake.threads):
+    probe_head = snakemake.input.get("probe_head")
+    run_finetune(
+        method=snakemake.wildcards.method,
+        dataset=snakemake.wildcards.dataset,
+        data_root=snakemake.params.data_root,
+        model_dir=Path(snakemake.input.weights).parent,
+        probe_dir=Path(probe_head).parent if probe_head else None,
+        out_dir=Path(snakemake.output.metrics).parent,
+        ood_splits=snakemake.params.ood_splits,
+        lr=float(snakemake.wildcards.lr),
+        seed=int(snakemake.wildcards.seed),
+        device=resolve_device(snakemake.params.device),
+        progress=snakemake.params.progress,
+        resolved_config=snakemake.params.settings,
+        **snakemake.params.settings,
+    )

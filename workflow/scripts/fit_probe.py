@@ -1,0 +1,13 @@
+from pathlib import Path
+
+from robustft.runtime import job
+from robustft.stages import run_probe
+
+with job(log_path=snakemake.log[0], threads=snakemake.threads):
+    run_probe(
+        feature_files=dict(zip(snakemake.params.splits, snakemake.input.features, strict=True)),
+        out_dir=Path(snakemake.output.metrics).parent,
+        c_grid=snakemake.params.c_grid,
+        max_iter=snakemake.params.max_iter,
+        progress=snakemake.params.progress,
+    )
