@@ -67,9 +67,18 @@ def test_bad_values_raise_one_line_naming_the_key(change, named):
     assert "\n" not in message
 
 
-@pytest.mark.parametrize(("value", "spelling"), [
-    (1e-3, "0.001"), ("1e-3", "0.001"), ("0.001", "0.001"), ("1.0e-3", "0.001"),
-    (3e-5, "3e-05"), ("3e-05", "3e-05"), (0.03, "0.03"), (1, "1"),
-])
+@pytest.mark.parametrize(
+    ("value", "spelling"),
+    [
+        (1e-3, "0.001"),
+        ("1e-3", "0.001"),
+        ("0.001", "0.001"),
+        ("1.0e-3", "0.001"),
+        (3e-5, "3e-05"),
+        ("3e-05", "3e-05"),
+        (0.03, "0.03"),
+        (1, "1"),
+    ],
+)
 def test_hyperparameters_have_one_spelling(value, spelling):
     assert format_hparam(value) == spelling

@@ -4,8 +4,13 @@ import pytest
 import torch
 
 from robustft.features import read_features, write_features
-from robustft.models import ImageClassifier, Preprocess, build_backbone, load_backbone
-from robustft.models import save_backbone
+from robustft.models import (
+    ImageClassifier,
+    Preprocess,
+    build_backbone,
+    load_backbone,
+    save_backbone,
+)
 from robustft.stages import load_probe_head
 
 ATTRS = {"backbone": "toyresnet", "weights_sha256": "ab" * 32, "preprocessing": "none"}
@@ -28,13 +33,13 @@ def test_hdf5_round_trip_keeps_arrays_and_attributes(tmp_path):
 def test_a_failed_write_leaves_nothing(tmp_path):
     path = tmp_path / "train.h5"
     with pytest.raises(ValueError):
-        write_features(path, features=np.zeros((3, 2), np.float32), labels=np.zeros(4),
-                       attrs=ATTRS)
+        write_features(path, features=np.zeros((3, 2), np.float32), labels=np.zeros(4), attrs=ATTRS)
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("problem", ["missing_labels", "wrong_shape", "label_range", "nan",
-                                     "not_hdf5", "absent"])
+@pytest.mark.parametrize(
+    "problem", ["missing_labels", "wrong_shape", "label_range", "nan", "not_hdf5", "absent"]
+)
 def test_bad_feature_files_are_rejected_naming_the_file(tmp_path, problem):
     path = tmp_path / "val.h5"
     features = np.ones((4, 3), np.float32)
@@ -43,20 +48,26 @@ def test_bad_feature_files_are_rejected_naming_the_file(tmp_path, problem):
         path.write_bytes(b"not an hdf5 file at all")
     elif problem != "absent":
         with h5py.File(path, "w") as handle:
-            handle["features"] = {"wrong_shape": np.ones(4, np.float32),
-                                  "nan": np.full((4, 3), np.nan, np.float32)}.get(problem,
-                                                                                  features)
+            handle["features"] = {
+                "wrong_shape": np.ones(4, np.float32),
+                "nan": np.full((4, 3), np.nan, np.float32),
+            }.get(problem, features)
             if problem != "missing_labels":
                 handle["labels"] = labels + (5 if problem == "label_range" else 0)
-    with pytest.raises((ValueError, FileNotFoundError), match="val.h5"):
+    with pytest.raises((ValueError, FileNotFoundError), match=r"val\.h5"):
         read_features(path, num_classes=3)
 
 
 def test_backbone_round_trip_and_checksum(tmp_path):
     backbone = build_backbone(architecture="toyresnet", kwargs={"width": 4})
     pre = Preprocess(input_size=32, mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0))
-    save_backbone(backbone=backbone, out_dir=tmp_path, architecture="toyresnet",
-                  kwargs={"width": 4}, preprocess=pre)
+    save_backbone(
+        backbone=backbone,
+        out_dir=tmp_path,
+        architecture="toyresnet",
+        kwargs={"width": 4},
+        preprocess=pre,
+    )
     loaded, loaded_pre, _ = load_backbone(tmp_path)
     assert loaded_pre == pre
     for key, value in backbone.state_dict().items():
@@ -64,14 +75,18 @@ def test_backbone_round_trip_and_checksum(tmp_path):
     raw = bytearray((tmp_path / "model.safetensors").read_bytes())
     raw[-1] ^= 0xFF
     (tmp_path / "model.safetensors").write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match="model.safetensors: checksum"):
+    with pytest.raises(ValueError, match=r"model\.safetensors: checksum"):
         load_backbone(tmp_path)
 
 
 def test_checkpoint_of_another_architecture_is_rejected(tmp_path):
-    save_backbone(backbone=build_backbone(architecture="toyresnet", kwargs={"width": 8}),
-                  out_dir=tmp_path, architecture="toyresnet", kwargs={"width": 8},
-                  preprocess=Preprocess(input_size=32, mean=(0, 0, 0), std=(1, 1, 1)))
+    save_backbone(
+        backbone=build_backbone(architecture="toyresnet", kwargs={"width": 8}),
+        out_dir=tmp_path,
+        architecture="toyresnet",
+        kwargs={"width": 8},
+        preprocess=Preprocess(input_size=32, mean=(0, 0, 0), std=(1, 1, 1)),
+    )
     import json
 
     meta = json.loads((tmp_path / "meta.json").read_text())
@@ -97,8 +112,9 @@ def test_lpft_head_from_the_probe_reproduces_the_probe(tmp_path):
     images[labels == 2, 2] += 0.5
     with torch.no_grad():
         features = model.features(images).numpy()
-    probe = fit_probe(train_x=features, train_y=labels, val_x=features, val_y=labels,
-                      c_grid=[10.0], num_classes=3)
+    probe = fit_probe(
+        train_x=features, train_y=labels, val_x=features, val_y=labels, c_grid=[10.0], num_classes=3
+    )
     weight, bias = probe.raw_scale_head()
     save_file({"weight": weight, "bias": bias}, str(tmp_path / "head.safetensors"))
     head_weight, head_bias = load_probe_head(tmp_path)

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import numpy as np
@@ -28,15 +29,20 @@ def test_cosine_schedule_starts_at_base_halves_midway_and_ends_at_zero():
     assert cosine_lr(step=50, total_steps=100, base_lr=0.1) == pytest.approx(0.05)
     assert cosine_lr(step=100, total_steps=100, base_lr=0.1) == pytest.approx(0.0, abs=1e-12)
     values = [cosine_lr(step=s, total_steps=100, base_lr=1.0) for s in range(101)]
-    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_optimizer_follows_the_cosine_schedule_per_step():
     data = synthetic_images(128)
     model = ImageClassifier(backbone=ToyResNet(width=4), num_classes=2, preprocess=PRE)
     result = train_classifier(
-        model=model, train_set=data, eval_sets={"val": data}, select_on="val",
-        settings=TrainSettings(epochs=4, lr=0.2, batch_size=32), progress=False)
+        model=model,
+        train_set=data,
+        eval_sets={"val": data},
+        select_on="val",
+        settings=TrainSettings(epochs=4, lr=0.2, batch_size=32),
+        progress=False,
+    )
     steps_per_epoch = 128 // 32
     for row in result.history[1:]:
         step = (row["epoch"] - 1) * steps_per_epoch
@@ -48,8 +54,13 @@ def test_training_on_synthetic_data_learns_and_keeps_the_best_epoch():
     train, val = synthetic_images(256, seed=0), synthetic_images(128, seed=1)
     model = ImageClassifier(backbone=ToyResNet(width=4), num_classes=2, preprocess=PRE)
     result = train_classifier(
-        model=model, train_set=train, eval_sets={"val": val}, select_on="val",
-        settings=TrainSettings(epochs=3, lr=0.05, batch_size=32), progress=False)
+        model=model,
+        train_set=train,
+        eval_sets={"val": val},
+        select_on="val",
+        settings=TrainSettings(epochs=3, lr=0.05, batch_size=32),
+        progress=False,
+    )
     assert [row["epoch"] for row in result.history] == [0, 1, 2, 3]
     best = max(row["val"] for row in result.history)
     assert best > 0.9
@@ -64,26 +75,40 @@ def test_frozen_batchnorm_keeps_running_statistics_but_trains_the_rest():
     bn = backbone.stem[1]
     before_mean, before_var = bn.running_mean.clone(), bn.running_var.clone()
     conv_before = backbone.stem[0].weight.clone()
-    train_classifier(model=model, train_set=data, eval_sets={"val": data}, select_on="val",
-                     settings=TrainSettings(epochs=1, lr=0.05, batch_size=32, freeze_bn=True),
-                     progress=False)
+    train_classifier(
+        model=model,
+        train_set=data,
+        eval_sets={"val": data},
+        select_on="val",
+        settings=TrainSettings(epochs=1, lr=0.05, batch_size=32, freeze_bn=True),
+        progress=False,
+    )
     assert torch.equal(bn.running_mean, before_mean)
     assert torch.equal(bn.running_var, before_var)
     assert not torch.equal(backbone.stem[0].weight, conv_before)
     # Unfrozen, the same training moves them: the test above can fail.
-    train_classifier(model=model, train_set=data, eval_sets={"val": data}, select_on="val",
-                     settings=TrainSettings(epochs=1, lr=0.05, batch_size=32, freeze_bn=False),
-                     progress=False)
+    train_classifier(
+        model=model,
+        train_set=data,
+        eval_sets={"val": data},
+        select_on="val",
+        settings=TrainSettings(epochs=1, lr=0.05, batch_size=32, freeze_bn=False),
+        progress=False,
+    )
     assert not torch.equal(bn.running_mean, before_mean)
 
 
 def test_a_diverging_run_stops_and_is_reported_not_crashed():
     data = synthetic_images(64)
     model = ImageClassifier(backbone=ToyResNet(width=4), num_classes=2, preprocess=PRE)
-    result = train_classifier(model=model, train_set=data, eval_sets={"val": data},
-                              select_on="val", settings=TrainSettings(epochs=3, lr=1e12,
-                                                                      batch_size=32),
-                              progress=False)
+    result = train_classifier(
+        model=model,
+        train_set=data,
+        eval_sets={"val": data},
+        select_on="val",
+        settings=TrainSettings(epochs=3, lr=1e12, batch_size=32),
+        progress=False,
+    )
     assert result.diverged
     assert not math.isfinite(result.history[-1]["train_loss"])
 

@@ -42,7 +42,9 @@ def _describe(error: jsonschema.ValidationError) -> str:
     key = _key_path(error.absolute_path)
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
-        extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        extra = (
+            sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        )
         where = "" if key == "<top level>" else f" under '{key}'"
         names = ", ".join(repr(name) for name in extra) or "?"
         return f"unknown config key {names}{where}; allowed: {', '.join(allowed)}"
@@ -62,7 +64,7 @@ def _fill_defaults(validator_class: type) -> type:
     """Extend a validator so that missing keys get the schema's `default` (as Snakemake does)."""
     validate_properties = validator_class.VALIDATORS["properties"]
 
-    def set_defaults(validator, properties, instance, schema):  # noqa: ANN001
+    def set_defaults(validator, properties, instance, schema):
         if isinstance(instance, dict):
             for name, subschema in properties.items():
                 if "default" in subschema and name not in instance:

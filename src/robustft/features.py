@@ -26,18 +26,27 @@ class FeatureSet:
 
 @torch.inference_mode()
 def extract_features(
-    model: torch.nn.Module, dataset: Dataset, *, batch_size: int = 256, device: str = "cpu",
-    num_workers: int = 0, progress: bool = True,
+    model: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    device: str = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features (float32 N×D) from `model.features` in eval mode, and the labels."""
     model.eval().to(device)
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
         pin_memory=device.startswith("cuda"),
     )
     features, labels = [], []
-    for images, targets in tqdm(loader, disable=not progress, desc="features", unit="batch",
-                                mininterval=2.0, ascii=True):
+    for images, targets in tqdm(
+        loader, disable=not progress, desc="features", unit="batch", mininterval=2.0, ascii=True
+    ):
         features.append(model.features(images.to(device, non_blocking=True)).float().cpu())
         labels.append(targets)
     return torch.cat(features).numpy(), torch.cat(labels).numpy().astype(np.int64)
@@ -74,8 +83,9 @@ def read_features(path: str | Path, *, num_classes: int | None = None) -> Featur
         features, labels = handle["features"][...], handle["labels"][...]
         attrs = {key: _plain(value) for key, value in handle.attrs.items()}
     if features.ndim != 2 or features.dtype != np.float32:
-        raise ValueError(f"{path}: 'features' must be float32 N×D, got {features.dtype} "
-                         f"{features.shape}")
+        raise ValueError(
+            f"{path}: 'features' must be float32 N×D, got {features.dtype} {features.shape}"
+        )
     if labels.shape != (len(features),):
         raise ValueError(f"{path}: 'labels' has shape {labels.shape}, expected ({len(features)},)")
     if len(labels) and labels.min() < 0:

@@ -47,8 +47,15 @@ def scalar_standardization(features: np.ndarray) -> tuple[float, float]:
 
 
 def fit_probe(
-    *, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-    c_grid: list[float], num_classes: int, max_iter: int = 1000, tol: float = 1e-4,
+    *,
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    c_grid: list[float],
+    num_classes: int,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
     progress: bool = False,
 ) -> ProbeResult:
     """Fit one model per C (ascending), each from zero, and keep the best by val accuracy.
@@ -60,7 +67,7 @@ def fit_probe(
     if len(c_grid) == 0:
         raise ValueError("empty C grid")
     mean, std = scalar_standardization(train_x)
-    train_z, val_z = (train_x - mean) / std, (val_x - mean) / std
+    train_z, _val_z = (train_x - mean) / std, (val_x - mean) / std
     best: ProbeResult | None = None
     best_val = -1.0
     sweep = []
@@ -75,8 +82,15 @@ def fit_probe(
         candidate = ProbeResult(C=c_value, weight=weight, bias=bias, mean=mean, std=std)
         train_acc = float((candidate.predict(train_x) == train_y).mean())
         val_acc = float((candidate.predict(val_x) == val_y).mean())
-        sweep.append({"C": c_value, "train_acc": train_acc, "val_acc": val_acc,
-                      "n_iter": n_iter, "converged": converged})
+        sweep.append(
+            {
+                "C": c_value,
+                "train_acc": train_acc,
+                "val_acc": val_acc,
+                "n_iter": n_iter,
+                "converged": converged,
+            }
+        )
         if not converged:
             log.warning("C=%g did not converge in %d iterations", c_value, max_iter)
         if val_acc > best_val:

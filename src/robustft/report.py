@@ -24,8 +24,12 @@ def interval90(values: Sequence[float]) -> float:
 
 
 def summarize_runs(
-    *, method: str, runs: Sequence[Mapping[str, Any]], ood_splits: Sequence[str],
-    hparam_name: str, hparam_value: str,
+    *,
+    method: str,
+    runs: Sequence[Mapping[str, Any]],
+    ood_splits: Sequence[str],
+    hparam_name: str,
+    hparam_value: str,
 ) -> dict[str, Any]:
     """One table row from the per-seed metrics of a method's selected runs.
 
@@ -37,10 +41,14 @@ def summarize_runs(
     id_test = [run["id_test"] for run in runs]
     ood = [float(np.mean([run[f"ood_{split}"] for split in ood_splits])) for run in runs]
     row: dict[str, Any] = {
-        "method": method, "hparam": f"{hparam_name}={hparam_value}", "seeds": len(runs),
+        "method": method,
+        "hparam": f"{hparam_name}={hparam_value}",
+        "seeds": len(runs),
         "id_val": float(np.mean([run["id_val"] for run in runs])),
-        "id": float(np.mean(id_test)), "id_ci90": interval90(id_test),
-        "ood": float(np.mean(ood)), "ood_ci90": interval90(ood),
+        "id": float(np.mean(id_test)),
+        "id_ci90": interval90(id_test),
+        "ood": float(np.mean(ood)),
+        "ood_ci90": interval90(ood),
     }
     for split in ood_splits:
         values = [run[f"ood_{split}"] for run in runs]
@@ -52,28 +60,40 @@ def summarize_runs(
 def probe_row(*, metrics_files: Sequence[str | Path], ood_splits: Sequence[str]) -> dict[str, Any]:
     runs = [read_json(path) for path in metrics_files]
     values = sorted({f"{run['C']:.3g}" for run in runs})
-    return summarize_runs(method="lp", runs=runs, ood_splits=ood_splits, hparam_name="C",
-                          hparam_value="/".join(values))
+    return summarize_runs(
+        method="lp",
+        runs=runs,
+        ood_splits=ood_splits,
+        hparam_name="C",
+        hparam_value="/".join(values),
+    )
 
 
-def selected_row(*, method: str, selection_file: str | Path,
-                 ood_splits: Sequence[str]) -> dict[str, Any]:
+def selected_row(
+    *, method: str, selection_file: str | Path, ood_splits: Sequence[str]
+) -> dict[str, Any]:
     selection = read_json(selection_file)
-    return summarize_runs(method=method, runs=selection["runs"], ood_splits=ood_splits,
-                          hparam_name="lr", hparam_value=f"{selection['lr']:g}")
+    return summarize_runs(
+        method=method,
+        runs=selection["runs"],
+        ood_splits=ood_splits,
+        hparam_name="lr",
+        hparam_value=f"{selection['lr']:g}",
+    )
 
 
 def to_markdown(table: pd.DataFrame) -> str:
     """Percentages with their 90% intervals, one row per method."""
-    ood_columns = [c for c in table.columns
-                   if c.startswith("ood_") and not c.endswith("_ci90")]
-    shown = pd.DataFrame({
-        key: table[key] for key in ("dataset", "backbone", "method", "hparam", "seeds")
-        if key in table
-    })
+    ood_columns = [c for c in table.columns if c.startswith("ood_") and not c.endswith("_ci90")]
+    shown = pd.DataFrame(
+        {
+            key: table[key]
+            for key in ("dataset", "backbone", "method", "hparam", "seeds")
+            if key in table
+        }
+    )
     shown["ID"] = [_pct(m, c) for m, c in zip(table["id"], table["id_ci90"], strict=True)]
-    shown["OOD (mean)"] = [_pct(m, c) for m, c in zip(table["ood"], table["ood_ci90"],
-                                                        strict=True)]
+    shown["OOD (mean)"] = [_pct(m, c) for m, c in zip(table["ood"], table["ood_ci90"], strict=True)]
     for column in ood_columns:
         shown[column.removeprefix("ood_")] = [
             _pct(m, c) for m, c in zip(table[column], table[f"{column}_ci90"], strict=True)
@@ -106,10 +126,21 @@ def plot_id_vs_ood(table: pd.DataFrame, *, out_path: str | Path) -> None:
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
     for ax, ((dataset, backbone), rows) in zip(axes[0], groups, strict=True):
         for _, row in rows.iterrows():
-            ax.errorbar(100 * row["id"], 100 * row["ood"], xerr=100 * row["id_ci90"],
-                        yerr=100 * row["ood_ci90"], fmt="o", capsize=3, label=row["method"])
-            ax.annotate(row["method"], (100 * row["id"], 100 * row["ood"]),
-                        textcoords="offset points", xytext=(5, 5))
+            ax.errorbar(
+                100 * row["id"],
+                100 * row["ood"],
+                xerr=100 * row["id_ci90"],
+                yerr=100 * row["ood_ci90"],
+                fmt="o",
+                capsize=3,
+                label=row["method"],
+            )
+            ax.annotate(
+                row["method"],
+                (100 * row["id"], 100 * row["ood"]),
+                textcoords="offset points",
+                xytext=(5, 5),
+            )
         ax.set_xlabel("ID test accuracy (%)")
         ax.set_ylabel("OOD accuracy, mean of splits (%)")
         ax.set_title(f"{dataset} · {backbone}")
@@ -121,8 +152,12 @@ def plot_id_vs_ood(table: pd.DataFrame, *, out_path: str | Path) -> None:
 
 
 def aggregate_dataset(
-    *, dataset: str, sources: Mapping[str, str | Sequence[str]], ood_splits: Sequence[str],
-    csv_path: str | Path, md_path: str | Path,
+    *,
+    dataset: str,
+    sources: Mapping[str, str | Sequence[str]],
+    ood_splits: Sequence[str],
+    csv_path: str | Path,
+    md_path: str | Path,
 ) -> pd.DataFrame:
     """The table of one dataset: a row per (backbone, method), from `sources`, which maps
     "method/backbone" to the probe metrics of every seed (lp) or a `select_run` file."""

@@ -32,8 +32,12 @@ def job(*, log_path: str | Path | None, threads: int | None = None) -> Iterator[
     handle = open(log_path, "w", encoding="utf-8", buffering=1) if log_path else None  # noqa: SIM115
     if handle:
         sys.stdout = sys.stderr = handle
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if threads is not None:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         import torch
@@ -42,7 +46,7 @@ def job(*, log_path: str | Path | None, threads: int | None = None) -> Iterator[
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
-    except Exception as error:  # noqa: BLE001 - every failure becomes one line + a log
+    except Exception as error:
         traceback.print_exc(file=sys.stderr)
         message = f"robustft: {type(error).__name__}: {error}".splitlines()[0]
         print(message, file=original_stderr, flush=True)

@@ -21,7 +21,12 @@ from robustft.data.registry import ID_SPLITS, load_split
 from robustft.features import extract_features, read_features, write_features
 from robustft.io import atomic_path, read_json, write_json
 from robustft.models import (
-    ImageClassifier, Preprocess, build_backbone, load_backbone, save_backbone, save_model,
+    ImageClassifier,
+    Preprocess,
+    build_backbone,
+    load_backbone,
+    save_backbone,
+    save_model,
 )
 from robustft.probe import fit_probe
 from robustft.training import TrainSettings, train_classifier
@@ -36,15 +41,25 @@ def environment_info() -> dict[str, Any]:
     import sklearn
 
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).parent, check=False,
-        ).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).parent,
+                check=False,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {
-        "robustft": __version__, "torch": torch.__version__, "numpy": np.__version__,
-        "scikit-learn": sklearn.__version__, "python": platform.python_version(),
+        "robustft": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+        "python": platform.python_version(),
         "git_commit": commit,
     }
 
@@ -61,13 +76,23 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 def _dataset(arrays, *, augment: bool) -> ArrayImageDataset:
     size = arrays.images.shape[1]
-    return ArrayImageDataset(arrays.images, arrays.labels, make_transform(
-        image_size=size, augment=augment))
+    return ArrayImageDataset(
+        arrays.images, arrays.labels, make_transform(image_size=size, augment=augment)
+    )
 
 
 def pretrain_toy_backbone(
-    *, pretrain_file: str | Path, out_dir: str | Path, width: int, epochs: int, lr: float,
-    batch_size: int, weight_decay: float, seed: int, device: str = "cpu", progress: bool = True,
+    *,
+    pretrain_file: str | Path,
+    out_dir: str | Path,
+    width: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    seed: int,
+    device: str = "cpu",
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Train the toy ResNet on the toyshift pretraining pool; save the backbone only."""
     from robustft.data import toyshift
@@ -87,51 +112,92 @@ def pretrain_toy_backbone(
     kwargs = {"width": width}
     backbone = build_backbone(architecture="toyresnet", kwargs=kwargs)
     model = ImageClassifier(backbone=backbone, num_classes=num_classes, preprocess=preprocess)
-    settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, momentum=0.9,
-                             weight_decay=weight_decay, seed=seed)
+    settings = TrainSettings(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        momentum=0.9,
+        weight_decay=weight_decay,
+        seed=seed,
+    )
     result = train_classifier(
-        model=model, train_set=_dataset(train, augment=True),
-        eval_sets={"val": _dataset(val, augment=False)}, settings=settings,
-        select_on="val", device=device, progress=progress,
+        model=model,
+        train_set=_dataset(train, augment=True),
+        eval_sets={"val": _dataset(val, augment=False)},
+        settings=settings,
+        select_on="val",
+        device=device,
+        progress=progress,
     )
     # Keep the last epoch: pretraining has no early stopping.
     val_accuracy = result.history[-1]["val"]
     model.cpu()
     save_backbone(
-        backbone=model.backbone, out_dir=out_dir, architecture="toyresnet", kwargs=kwargs,
+        backbone=model.backbone,
+        out_dir=out_dir,
+        architecture="toyresnet",
+        kwargs=kwargs,
         preprocess=preprocess,
-        extra={"pretrain": {"val_accuracy": val_accuracy, "settings": asdict(settings),
-                            "classes": num_classes}},
+        extra={
+            "pretrain": {
+                "val_accuracy": val_accuracy,
+                "settings": asdict(settings),
+                "classes": num_classes,
+            }
+        },
     )
     write_csv(Path(out_dir) / "history.csv", result.history)
     return {"val_accuracy": val_accuracy}
 
 
 def extract_split(
-    *, dataset: str, split: str, data_root: str | Path, model_dir: str | Path,
-    out_path: str | Path, backbone_name: str, batch_size: int = 256, device: str = "cpu",
+    *,
+    dataset: str,
+    split: str,
+    data_root: str | Path,
+    model_dir: str | Path,
+    out_path: str | Path,
+    backbone_name: str,
+    batch_size: int = 256,
+    device: str = "cpu",
     progress: bool = True,
 ) -> None:
     """Frozen, eval-mode penultimate features of one split into an HDF5 file."""
     arrays = load_split(dataset=dataset, split=split, root=data_root)
     backbone, preprocess, meta = load_backbone(model_dir)
-    model = ImageClassifier(backbone=backbone, num_classes=len(arrays.class_names),
-                            preprocess=preprocess)
+    model = ImageClassifier(
+        backbone=backbone, num_classes=len(arrays.class_names), preprocess=preprocess
+    )
     features, labels = extract_features(
-        model, _dataset(arrays, augment=False), batch_size=batch_size, device=device,
+        model,
+        _dataset(arrays, augment=False),
+        batch_size=batch_size,
+        device=device,
         progress=progress,
     )
-    write_features(out_path, features=features, labels=labels, attrs={
-        "backbone": backbone_name, "weights_sha256": meta["sha256"], "dataset": dataset,
-        "split": split, "num_classes": len(arrays.class_names),
-        "preprocessing": f"to float in [0,1]; normalise mean={list(preprocess.mean)} "
-                         f"std={list(preprocess.std)}; no augmentation",
-    })
+    write_features(
+        out_path,
+        features=features,
+        labels=labels,
+        attrs={
+            "backbone": backbone_name,
+            "weights_sha256": meta["sha256"],
+            "dataset": dataset,
+            "split": split,
+            "num_classes": len(arrays.class_names),
+            "preprocessing": f"to float in [0,1]; normalise mean={list(preprocess.mean)} "
+            f"std={list(preprocess.std)}; no augmentation",
+        },
+    )
 
 
 def run_probe(
-    *, feature_files: Mapping[str, str | Path], out_dir: str | Path, c_grid: Sequence[float],
-    max_iter: int, progress: bool = True,
+    *,
+    feature_files: Mapping[str, str | Path],
+    out_dir: str | Path,
+    c_grid: Sequence[float],
+    max_iter: int,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Fit the probe on `train`, choose C on `val`, report accuracy on every split."""
     missing = [split for split in ("train", "val") if split not in feature_files]
@@ -139,18 +205,27 @@ def run_probe(
         raise ValueError(f"probe needs feature files for splits {missing}")
     first = read_features(feature_files["train"])
     num_classes = int(first.attrs.get("num_classes", first.labels.max() + 1))
-    sets = {split: read_features(path, num_classes=num_classes)
-            for split, path in feature_files.items()}
+    sets = {
+        split: read_features(path, num_classes=num_classes) for split, path in feature_files.items()
+    }
     dims = {split: data.features.shape[1] for split, data in sets.items()}
     if len(set(dims.values())) != 1:
         raise ValueError(f"feature dimensions differ between splits: {dims}")
     result = fit_probe(
-        train_x=sets["train"].features, train_y=sets["train"].labels,
-        val_x=sets["val"].features, val_y=sets["val"].labels, c_grid=list(c_grid),
-        num_classes=num_classes, max_iter=max_iter, progress=progress,
+        train_x=sets["train"].features,
+        train_y=sets["train"].labels,
+        val_x=sets["val"].features,
+        val_y=sets["val"].labels,
+        c_grid=list(c_grid),
+        num_classes=num_classes,
+        max_iter=max_iter,
+        progress=progress,
     )
-    accuracies = {_column(split): float((result.predict(data.features) == data.labels).mean())
-                  for split, data in sets.items() if split != "train"}
+    accuracies = {
+        _column(split): float((result.predict(data.features) == data.labels).mean())
+        for split, data in sets.items()
+        if split != "train"
+    }
     out_dir = Path(out_dir)
     weight, bias = result.raw_scale_head()
     from safetensors.numpy import save_file
@@ -159,9 +234,15 @@ def run_probe(
         save_file({"weight": weight, "bias": bias}, str(tmp))
     write_csv(out_dir / "sweep.csv", result.sweep)
     chosen = next(row for row in result.sweep if row["C"] == result.C)
-    metrics = {"C": result.C, "converged": chosen["converged"], "n_iter": chosen["n_iter"],
-               "train_acc": chosen["train_acc"], "feature_mean": result.mean,
-               "feature_std": result.std, **accuracies}
+    metrics = {
+        "C": result.C,
+        "converged": chosen["converged"],
+        "n_iter": chosen["n_iter"],
+        "train_acc": chosen["train_acc"],
+        "feature_mean": result.mean,
+        "feature_std": result.std,
+        **accuracies,
+    }
     write_json(out_dir / "metrics.json", metrics)
     return metrics
 
@@ -182,15 +263,31 @@ def load_probe_head(probe_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_finetune(
-    *, method: str, dataset: str, data_root: str | Path, model_dir: str | Path,
-    out_dir: str | Path, ood_splits: Sequence[str], lr: float, seed: int, epochs: int,
-    batch_size: int, momentum: float, weight_decay: float, freeze_bn: bool, augment: bool,
-    probe_dir: str | Path | None = None, device: str = "cpu", progress: bool = True,
+    *,
+    method: str,
+    dataset: str,
+    data_root: str | Path,
+    model_dir: str | Path,
+    out_dir: str | Path,
+    ood_splits: Sequence[str],
+    lr: float,
+    seed: int,
+    epochs: int,
+    batch_size: int,
+    momentum: float,
+    weight_decay: float,
+    freeze_bn: bool,
+    augment: bool,
+    probe_dir: str | Path | None = None,
+    device: str = "cpu",
+    progress: bool = True,
     resolved_config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the whole network (FT: new random head; LP-FT: head from the probe)."""
-    splits = {split: load_split(dataset=dataset, split=split, root=data_root)
-              for split in (*ID_SPLITS, *ood_splits)}
+    splits = {
+        split: load_split(dataset=dataset, split=split, root=data_root)
+        for split in (*ID_SPLITS, *ood_splits)
+    }
     num_classes = len(splits["train"].class_names)
     backbone, preprocess, _ = load_backbone(model_dir)
     torch.manual_seed(seed)  # the new head's initialisation depends on the seed only
@@ -200,35 +297,66 @@ def run_finetune(
             raise ValueError(f"method {method!r} needs the probe's head (probe_dir)")
         weight, bias = load_probe_head(probe_dir)
         if tuple(weight.shape) != tuple(model.head.weight.shape):
-            raise ValueError(f"{probe_dir}: probe head {tuple(weight.shape)} does not fit the "
-                             f"model head {tuple(model.head.weight.shape)}")
+            raise ValueError(
+                f"{probe_dir}: probe head {tuple(weight.shape)} does not fit the "
+                f"model head {tuple(model.head.weight.shape)}"
+            )
         with torch.no_grad():
             model.head.weight.copy_(weight)
             model.head.bias.copy_(bias)
     elif method != "ft":
         raise ValueError(f"unknown fine-tuning method {method!r}; known: ft, lpft")
-    settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum,
-                             weight_decay=weight_decay, freeze_bn=freeze_bn, seed=seed)
-    eval_sets = {_column(split): _dataset(arrays, augment=False)
-                 for split, arrays in splits.items() if split != "train"}
+    settings = TrainSettings(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        freeze_bn=freeze_bn,
+        seed=seed,
+    )
+    eval_sets = {
+        _column(split): _dataset(arrays, augment=False)
+        for split, arrays in splits.items()
+        if split != "train"
+    }
     result = train_classifier(
-        model=model, train_set=_dataset(splits["train"], augment=augment), eval_sets=eval_sets,
-        settings=settings, select_on="id_val", device=device, progress=progress,
+        model=model,
+        train_set=_dataset(splits["train"], augment=augment),
+        eval_sets=eval_sets,
+        settings=settings,
+        select_on="id_val",
+        device=device,
+        progress=progress,
     )
     out_dir = Path(out_dir)
     model.load_state_dict(result.best_state)
     save_model(model, out_dir / "model.safetensors")
     write_csv(out_dir / "history.csv", result.history)
     best = result.history[result.best_epoch]
-    metrics = {"method": method, "lr": lr, "seed": seed, "best_epoch": result.best_epoch,
-               "diverged": result.diverged,
-               **{key: value for key, value in best.items() if key.startswith(("id_", "ood_"))}}
-    write_json(out_dir / "config.json", {
-        "method": method, "dataset": dataset, "model_dir": str(model_dir),
-        "probe_dir": str(probe_dir) if probe_dir else None, "settings": asdict(settings),
-        "augment": augment, "ood_splits": list(ood_splits), "device": device,
-        "resolved_config": dict(resolved_config or {}), "environment": environment_info(),
-    })
+    metrics = {
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "best_epoch": result.best_epoch,
+        "diverged": result.diverged,
+        **{key: value for key, value in best.items() if key.startswith(("id_", "ood_"))},
+    }
+    write_json(
+        out_dir / "config.json",
+        {
+            "method": method,
+            "dataset": dataset,
+            "model_dir": str(model_dir),
+            "probe_dir": str(probe_dir) if probe_dir else None,
+            "settings": asdict(settings),
+            "augment": augment,
+            "ood_splits": list(ood_splits),
+            "device": device,
+            "resolved_config": dict(resolved_config or {}),
+            "environment": environment_info(),
+        },
+    )
     write_json(out_dir / "metrics.json", metrics)
     return metrics
 
@@ -245,7 +373,8 @@ def select_run(*, metrics_files: Sequence[str | Path], out_path: str | Path) -> 
     means = {lr: float(np.mean([run["id_val"] for run in runs])) for lr, runs in by_lr.items()}
     best_lr = max(sorted(means), key=lambda lr: means[lr])
     selection = {
-        "lr": best_lr, "mean_id_val": means[best_lr],
+        "lr": best_lr,
+        "mean_id_val": means[best_lr],
         "mean_id_val_by_lr": {f"{lr:g}": value for lr, value in sorted(means.items())},
         "runs": sorted(by_lr[best_lr], key=lambda run: run["seed"]),
     }

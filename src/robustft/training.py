@@ -82,7 +82,10 @@ def train_classifier(
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
     loader = DataLoader(
-        train_set, batch_size=settings.batch_size, shuffle=True, drop_last=True,
+        train_set,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        drop_last=True,
         generator=generator,
     )
     if len(loader) == 0:
@@ -106,13 +109,27 @@ def train_classifier(
             for name, data in eval_sets.items()
         }
 
-    history = [{"epoch": 0, "lr": settings.lr, "train_loss": float("nan"),
-                "train_acc": float("nan"), **evaluate_all(), "seconds": 0.0}]
+    history = [
+        {
+            "epoch": 0,
+            "lr": settings.lr,
+            "train_loss": float("nan"),
+            "train_acc": float("nan"),
+            **evaluate_all(),
+            "seconds": 0.0,
+        }
+    ]
     best_epoch, best_score = 0, history[0][select_on]
     best_state = copy.deepcopy(model.state_dict())
     diverged = False
-    bar = tqdm(total=total_steps, disable=not progress, desc="train", unit="step",
-               mininterval=2.0, ascii=True)
+    bar = tqdm(
+        total=total_steps,
+        disable=not progress,
+        desc="train",
+        unit="step",
+        mininterval=2.0,
+        ascii=True,
+    )
     for epoch in range(1, settings.epochs + 1):
         started = time.perf_counter()
         model.train()
@@ -135,14 +152,20 @@ def train_classifier(
             correct += (logits.detach().argmax(dim=1) == labels).sum()
             seen += len(labels)
             bar.update()
-        row = {"epoch": epoch, "lr": epoch_lr, "train_loss": loss_sum.item() / seen,
-               "train_acc": correct.item() / seen, **evaluate_all(),
-               "seconds": time.perf_counter() - started}
+        row = {
+            "epoch": epoch,
+            "lr": epoch_lr,
+            "train_loss": loss_sum.item() / seen,
+            "train_acc": correct.item() / seen,
+            **evaluate_all(),
+            "seconds": time.perf_counter() - started,
+        }
         history.append(row)
         if not math.isfinite(row["train_loss"]):
             # A diverged run is a result (this lr is too high), not a crash of the workflow.
-            log.warning("loss is %s at epoch %d (lr %g): stopping", row["train_loss"], epoch,
-                        settings.lr)
+            log.warning(
+                "loss is %s at epoch %d (lr %g): stopping", row["train_loss"], epoch, settings.lr
+            )
             diverged = True
             break
         log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})

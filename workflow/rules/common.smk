@@ -9,18 +9,19 @@ SRC = str(Path(workflow.basedir) / "src")
 if SRC not in sys.path:
     sys.path.insert(0, SRC)
 # Jobs import the library too, also when it is not pip-installed in their environment.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [SRC] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.getenv("PYTHONPATH")]))
 )
 
 from robustft.config import ConfigError, format_hparam, load_schema, validate_config
 from robustft.data.registry import ID_SPLITS
 
-
 try:
     validate_config(
         config,
-        load_schema(Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"),
+        load_schema(
+            Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+        ),
     )
 except ConfigError as error:
     # One line naming the key, before any job starts and before anything is written.
@@ -86,12 +87,18 @@ def get_finetune_settings(method):
         for key, value in config["finetune"].items()
         if key not in {"ft", "lpft"}
     }
-    own = {key: value for key, value in config["finetune"][method].items() if key != "lr_grid"}
+    own = {
+        key: value
+        for key, value in config["finetune"][method].items()
+        if key != "lr_grid"
+    }
     return {**shared, **own}
 
 
 def get_probe_files(wildcards):
-    folder = f"results/probe/{wildcards.backbone}/{wildcards.dataset}/seed{wildcards.seed}"
+    folder = (
+        f"results/probe/{wildcards.backbone}/{wildcards.dataset}/seed{wildcards.seed}"
+    )
     if wildcards.method == "lpft":
         return {"probe_head": f"{folder}/head.safetensors"}
     return {}
@@ -165,5 +172,7 @@ wildcard_constraints:
     seed=r"\d+",
     lr=r"[0-9][0-9.e+-]*",
     split=_alternatives(
-        sorted({split for dataset in config["datasets"] for split in get_splits(dataset)})
+        sorted(
+            {split for dataset in config["datasets"] for split in get_splits(dataset)}
+        )
     ),

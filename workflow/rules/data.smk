@@ -5,14 +5,14 @@ rule generate_toyshift:
     output:
         pretrain="resources/datasets/toyshift/pretrain.h5",
         task="resources/datasets/toyshift/task.h5",
-    params:
-        settings=config["toyshift"],
-        progress=config["progress"],
     log:
         f"{LOGS}/generate_toyshift.log",
     benchmark:
         f"{BENCHMARKS}/generate_toyshift.tsv"
     conda:
         "../../envs/torch.yaml"
+    params:
+        settings=config["toyshift"],
+        progress=config["progress"],
     script:
         "../scripts/generate_toyshift.py"

@@ -7,19 +7,19 @@ rule extract_features:
         unpack(get_backbone_files),
     output:
         "results/features/{backbone}/{dataset}/{split}.h5",
-    params:
-        data_root=get_data_root,
-        batch_size=config["features"]["batch_size"],
-        device=config["device"],
-        progress=config["progress"],
-    threads: get_threads("features")
-    resources:
-        **get_stage_resources("features"),
     log:
         f"{LOGS}/extract_features/{{backbone}}/{{dataset}}/{{split}}.log",
     benchmark:
         f"{BENCHMARKS}/extract_features/{{backbone}}/{{dataset}}/{{split}}.tsv"
     conda:
         "../../envs/torch.yaml"
+    threads: get_threads("features")
+    resources:
+        **get_stage_resources("features"),
+    params:
+        data_root=get_data_root,
+        batch_size=config["features"]["batch_size"],
+        device=config["device"],
+        progress=config["progress"],
     script:
         "../scripts/extract_features.py"

@@ -11,21 +11,21 @@ rule finetune:
         history="results/finetune/{method}/{backbone}/{dataset}/lr{lr}/seed{seed}/history.csv",
         metrics="results/finetune/{method}/{backbone}/{dataset}/lr{lr}/seed{seed}/metrics.json",
         config="results/finetune/{method}/{backbone}/{dataset}/lr{lr}/seed{seed}/config.json",
-    params:
-        settings=lambda wildcards: get_finetune_settings(wildcards.method),
-        ood_splits=lambda wildcards: get_ood_splits(wildcards.dataset),
-        data_root=get_data_root,
-        device=config["device"],
-        progress=config["progress"],
-    threads: get_threads("finetune")
-    resources:
-        **get_stage_resources("finetune"),
     log:
         f"{LOGS}/finetune/{{method}}/{{backbone}}/{{dataset}}/lr{{lr}}/seed{{seed}}.log",
     benchmark:
         f"{BENCHMARKS}/finetune/{{method}}/{{backbone}}/{{dataset}}/lr{{lr}}/seed{{seed}}.tsv"
     conda:
         "../../envs/torch.yaml"
+    threads: get_threads("finetune")
+    resources:
+        **get_stage_resources("finetune"),
+    params:
+        settings=lambda wildcards: get_finetune_settings(wildcards.method),
+        ood_splits=lambda wildcards: get_ood_splits(wildcards.dataset),
+        data_root=get_data_root,
+        device=config["device"],
+        progress=config["progress"],
     script:
         "../scripts/finetune.py"
 

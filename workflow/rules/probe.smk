@@ -13,19 +13,19 @@ rule fit_probe:
         metrics="results/probe/{backbone}/{dataset}/seed{seed}/metrics.json",
         head="results/probe/{backbone}/{dataset}/seed{seed}/head.safetensors",
         sweep="results/probe/{backbone}/{dataset}/seed{seed}/sweep.csv",
-    params:
-        splits=lambda wildcards: get_splits(wildcards.dataset),
-        c_grid=get_c_grid(),
-        max_iter=config["probe"]["max_iter"],
-        progress=config["progress"],
-    threads: get_threads("probe")
-    resources:
-        **get_stage_resources("probe"),
     log:
         f"{LOGS}/fit_probe/{{backbone}}/{{dataset}}/seed{{seed}}.log",
     benchmark:
         f"{BENCHMARKS}/fit_probe/{{backbone}}/{{dataset}}/seed{{seed}}.tsv"
     conda:
         "../../envs/analysis.yaml"
+    threads: get_threads("probe")
+    resources:
+        **get_stage_resources("probe"),
+    params:
+        splits=lambda wildcards: get_splits(wildcards.dataset),
+        c_grid=get_c_grid(),
+        max_iter=config["probe"]["max_iter"],
+        progress=config["progress"],
     script:
         "../scripts/fit_probe.py"

@@ -14,13 +14,13 @@ rule aggregate_tables:
     output:
         csv="results/tables/{dataset}.csv",
         md="results/tables/{dataset}.md",
-    params:
-        sources=get_table_inputs,
-        ood_splits=lambda wildcards: get_ood_splits(wildcards.dataset),
     log:
         f"{LOGS}/aggregate_tables/{{dataset}}.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        sources=get_table_inputs,
+        ood_splits=lambda wildcards: get_ood_splits(wildcards.dataset),
     script:
         "../scripts/aggregate_tables.py"
 

@@ -37,7 +37,8 @@ def load_split(*, dataset: str, split: str, root: str | Path) -> ImageArrays:
         task = dataset_files(dataset, root=root)["task"]
         arrays = toyshift.read_split(task, split)
         return ImageArrays(
-            images=arrays.images, labels=arrays.labels,
+            images=arrays.images,
+            labels=arrays.labels,
             class_names=tuple(toyshift.class_names(task)),
         )
     raise ValueError(f"unknown dataset {dataset!r}; known: toyshift")

@@ -53,8 +53,13 @@ def build_backbone(*, architecture: str, kwargs: dict[str, Any]) -> nn.Module:
 
 
 def save_backbone(
-    *, backbone: nn.Module, out_dir: str | Path, architecture: str, kwargs: dict[str, Any],
-    preprocess: Preprocess, extra: dict[str, Any] | None = None,
+    *,
+    backbone: nn.Module,
+    out_dir: str | Path,
+    architecture: str,
+    kwargs: dict[str, Any],
+    preprocess: Preprocess,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Write `model.safetensors` and `meta.json` (architecture, preprocessing, checksum)."""
     out_dir = Path(out_dir)

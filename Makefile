@@ -1,0 +1,41 @@
+# make run   — create .venv, install the pinned dependencies, run the default experiment
+# make test  — the same install, then the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+CORES ?= 2
+BIN := $(VENV)/bin
+
+.PHONY: install run test lint format dag clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+run: install
+	@start=$$(date +%s); \
+	$(BIN)/snakemake --profile profiles/local --cores $(CORES) && \
+	echo && cat results/tables/summary.md && \
+	echo "workflow time: $$(( $$(date +%s) - start )) s (plot: results/plots/id_vs_ood.png)"
+
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/snakemake --lint
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+	$(BIN)/snakefmt Snakefile workflow/rules
+
+dag: install
+	$(BIN)/snakemake --rulegraph | dot -Tpng > rulegraph.png
+
+clean:
+	rm -rf results .snakemake

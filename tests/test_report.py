@@ -1,0 +1,89 @@
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from robustft.report import aggregate_dataset, interval90, summarize_runs
+from robustft.stages import select_run
+
+
+def run(seed, lr, id_val, id_test, real, clipart):
+    return {
+        "seed": seed,
+        "lr": lr,
+        "id_val": id_val,
+        "id_test": id_test,
+        "ood_real": real,
+        "ood_clipart": clipart,
+    }
+
+
+def test_interval_is_1645_standard_errors():
+    assert interval90([0.5]) == 0.0
+    values = [0.90, 0.92, 0.94]
+    assert interval90(values) == pytest.approx(1.645 * 0.02 / math.sqrt(3))
+
+
+def test_row_means_over_seeds_and_ood_is_the_mean_of_splits():
+    row = summarize_runs(
+        method="ft",
+        runs=[run(0, 0.1, 0.9, 0.8, 0.5, 0.7), run(1, 0.1, 0.9, 1.0, 0.3, 0.5)],
+        ood_splits=["real", "clipart"],
+        hparam_name="lr",
+        hparam_value="0.1",
+    )
+    assert row["id"] == pytest.approx(0.9)
+    assert row["ood"] == pytest.approx(0.5)
+    assert row["ood_real"] == pytest.approx(0.4)
+    assert row["ood_clipart"] == pytest.approx(0.6)
+    assert row["seeds"] == 2 and row["hparam"] == "lr=0.1"
+
+
+def write_runs(tmp_path, runs):
+    paths = []
+    for item in runs:
+        path = tmp_path / f"lr{item['lr']}" / f"seed{item['seed']}" / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(item))
+        paths.append(path)
+    return paths
+
+
+def test_select_run_takes_the_best_mean_id_val_over_seeds(tmp_path):
+    # lr 0.1 has the single best seed, but 0.01 the best mean.
+    paths = write_runs(
+        tmp_path,
+        [
+            run(0, 0.1, 0.99, 0, 0, 0),
+            run(1, 0.1, 0.50, 0, 0, 0),
+            run(0, 0.01, 0.80, 0, 0, 0),
+            run(1, 0.01, 0.80, 0, 0, 0),
+        ],
+    )
+    selection = select_run(metrics_files=paths, out_path=tmp_path / "selected.json")
+    assert selection["lr"] == 0.01
+    assert [r["seed"] for r in selection["runs"]] == [0, 1]
+    assert json.loads((tmp_path / "selected.json").read_text())["lr"] == 0.01
+
+
+def test_dataset_table_has_a_row_per_method(tmp_path):
+    probe = tmp_path / "probe.json"
+    probe.write_text(
+        json.dumps({"C": 0.1, "id_val": 0.8, "id_test": 0.8, "ood_real": 0.7, "ood_clipart": 0.6})
+    )
+    paths = write_runs(tmp_path, [run(0, 0.1, 0.9, 0.9, 0.5, 0.5)])
+    select_run(metrics_files=paths, out_path=tmp_path / "ft.json")
+    table = aggregate_dataset(
+        dataset="toy",
+        sources={"lp/bb": [str(probe)], "ft/bb": str(tmp_path / "ft.json")},
+        ood_splits=["real", "clipart"],
+        csv_path=tmp_path / "t.csv",
+        md_path=tmp_path / "t.md",
+    )
+    assert list(table["method"]) == ["lp", "ft"]
+    assert list(table["hparam"]) == ["C=0.1", "lr=0.1"]
+    written = pd.read_csv(tmp_path / "t.csv")
+    assert written["ood"].tolist() == pytest.approx([0.65, 0.5])
+    markdown = (tmp_path / "t.md").read_text()
+    assert "| lp " in markdown and "65.0 ± 0.0" in markdown

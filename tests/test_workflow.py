@@ -1,0 +1,166 @@
+"""The workflow as a user runs it: dry runs, a tiny end-to-end run, caching and config errors."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
+
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(*args, cwd, check=True, timeout=600):
+    result = subprocess.run(
+        [*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def planned_jobs(output):
+    """{rule: count} from the 'Job stats' table of a dry run."""
+    match = re.search(r"Job stats:\n.*?\n-+\s+-+\n(.*?)\ntotal", output, re.S)
+    if match is None:
+        return {}
+    jobs = {}
+    for line in match.group(1).splitlines():
+        name, count = line.split()
+        jobs[name] = int(count)
+    return jobs
+
+
+def test_dry_run_of_the_default_config_plans_the_whole_dag(tmp_path):
+    result = snakemake("-n", "--configfile", str(ROOT / "config.yaml"), cwd=tmp_path)
+    jobs = planned_jobs(result.stdout)
+    assert jobs["finetune"] == 2 * 3 * 3  # (ft, lpft) × 3 lrs × 3 seeds
+    assert jobs["extract_features"] == 6  # train, val, test + 3 OOD domains
+    assert jobs["fit_probe"] == 3
+    assert jobs["pretrain_backbone"] == 1 and jobs["generate_toyshift"] == 1
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("seeds=[]", "'seeds'"),
+        ("methods=[lp,sft]", "methods[1]"),
+        ("bogus_key=1", "'bogus_key'"),
+        ("finetune={'ft': {'lr_grid': [-0.01]}}", "finetune.ft.lr_grid[0]"),
+    ],
+)
+def test_a_config_error_stops_before_any_job_with_one_line(tmp_path, override, named):
+    result = snakemake(
+        "--cores", "1", "--configfile", str(TINY), "--config", override, cwd=tmp_path, check=False
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("robustft:")]
+    assert len(errors) == 1 and named in errors[0], result.stderr
+    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "resources").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny")
+    snakemake("--cores", "2", "--configfile", str(TINY), cwd=workdir)
+    return workdir
+
+
+def test_tiny_run_writes_a_complete_table(tiny_run):
+    table = pd.read_csv(tiny_run / "results" / "tables" / "summary.csv")
+    assert list(table["method"]) == ["lp", "ft", "lpft"]
+    expected = {
+        "dataset",
+        "backbone",
+        "method",
+        "hparam",
+        "seeds",
+        "id",
+        "id_ci90",
+        "ood",
+        "ood_ci90",
+        "ood_real",
+        "ood_clipart",
+        "ood_painting",
+    }
+    assert expected <= set(table.columns)
+    accuracy_columns = [
+        c for c in table.columns if c.startswith(("id", "ood")) and not c.endswith("_ci90")
+    ]
+    values = table[accuracy_columns].to_numpy()
+    assert ((values >= 0) & (values <= 1)).all()
+    assert (tiny_run / "results" / "plots" / "id_vs_ood.png").stat().st_size > 1000
+    assert (tiny_run / "results" / "tables" / "summary.md").read_text().count("\n") >= 5
+
+
+def test_run_folders_hold_history_metrics_model_and_config(tiny_run):
+    run_dir = tiny_run / "results/finetune/lpft/toyresnet/toyshift/lr0.001/seed0"
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history["epoch"]) == [0, 1, 2]
+    assert {"train_loss", "id_val", "id_test", "ood_real", "ood_clipart", "ood_painting"} <= set(
+        history.columns
+    )
+    for name in ("model.safetensors", "metrics.json", "config.json"):
+        assert (run_dir / name).stat().st_size > 0
+
+
+def test_lpft_starts_from_the_probe(tiny_run):
+    """Epoch 0 of LP-FT is the probe itself: same ID val and OOD accuracy."""
+    import json
+
+    probe = json.loads(
+        (tiny_run / "results/probe/toyresnet/toyshift/seed0/metrics.json").read_text()
+    )
+    history = pd.read_csv(
+        tiny_run / "results/finetune/lpft/toyresnet/toyshift/lr0.001/seed0" / "history.csv"
+    )
+    for column in ("id_val", "id_test", "ood_real", "ood_clipart", "ood_painting"):
+        assert history.loc[0, column] == pytest.approx(probe[column], abs=1e-9), column
+
+
+def test_second_run_has_nothing_to_do(tiny_run):
+    result = snakemake("-n", "--configfile", str(TINY), cwd=tiny_run)
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_changing_a_finetuning_key_reruns_only_finetuning_and_what_follows(tiny_run):
+    result = snakemake(
+        "-n", "--configfile", str(TINY), "--config", "finetune={'epochs': 3}", cwd=tiny_run
+    )
+    jobs = planned_jobs(result.stdout)
+    assert jobs.pop("finetune") == 2 * 2 + 1 * 2  # ft: 2 lrs × 2 seeds; lpft: 1 lr × 2 seeds
+    assert set(jobs) == {"select_run", "aggregate_tables", "summary_table", "plot_id_vs_ood", "all"}
+
+
+def test_a_target_file_reruns_one_dataset(tiny_run):
+    table = tiny_run / "results" / "tables" / "toyshift.md"
+    table.unlink()
+    result = snakemake(
+        "-n", "--configfile", str(TINY), str(table.relative_to(tiny_run)), cwd=tiny_run
+    )
+    assert planned_jobs(result.stdout) == {"aggregate_tables": 1}
+    snakemake(
+        "--cores", "1", "--configfile", str(TINY), str(table.relative_to(tiny_run)), cwd=tiny_run
+    )
+    assert table.exists()
+
+
+def test_same_seed_gives_an_identical_summary_table(tiny_run, tmp_path):
+    snakemake("--cores", "2", "--configfile", str(TINY), cwd=tmp_path)
+    first = (tiny_run / "results" / "tables" / "summary.csv").read_bytes()
+    second = (tmp_path / "results" / "tables" / "summary.csv").read_bytes()
+    assert first == second
+
+
+def test_workflow_is_lint_clean(tmp_path):
+    result = snakemake("--lint", "--configfile", str(TINY), cwd=ROOT, check=False)
+    assert "Lints for" not in result.stdout + result.stderr, result.stdout + result.stderr
