@@ -4,8 +4,7 @@ import math
 import pandas as pd
 import pytest
 
-from robustft.report import aggregate_dataset, interval90, summarize_runs
-from robustft.stages import select_run
+from robustft.report import aggregate_dataset, interval90, select_run, summarize_runs
 
 
 def run(seed, lr, id_val, id_test, real, clipart):

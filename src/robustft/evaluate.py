@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from robustft.data.datasets import memory_format, to_float
+
 
 @torch.inference_mode()
 def predict_logits(
@@ -14,11 +16,11 @@ def predict_logits(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits (N, C) and labels (N,) of `model` in eval mode; restores the model's mode."""
     was_training = model.training
-    model.eval()
+    model.eval().to(memory_format=memory_format(device))
     logits, labels = [], []
     try:
         for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            logits.append(model(images.to(device, non_blocking=True)).float().cpu())
+            logits.append(model(to_float(images.to(device, non_blocking=True))).float().cpu())
             labels.append(targets)
     finally:
         model.train(was_training)

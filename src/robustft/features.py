@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from robustft.io import atomic_path
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import Dataset
 
 FORMAT = "robustft-features"
 
@@ -24,7 +25,6 @@ class FeatureSet:
     attrs: dict[str, Any]
 
 
-@torch.inference_mode()
 def extract_features(
     model: torch.nn.Module,
     dataset: Dataset,
@@ -35,7 +35,14 @@ def extract_features(
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features (float32 N×D) from `model.features` in eval mode, and the labels."""
-    model.eval().to(device)
+    # torch is imported here, not at the top: reading features (the probe) needs no torch.
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from robustft.data.datasets import memory_format, to_float
+
+    model.eval().to(device=device, memory_format=memory_format(device))
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -44,11 +51,14 @@ def extract_features(
         pin_memory=device.startswith("cuda"),
     )
     features, labels = [], []
-    for images, targets in tqdm(
+    bar = tqdm(
         loader, disable=not progress, desc="features", unit="batch", mininterval=2.0, ascii=True
-    ):
-        features.append(model.features(images.to(device, non_blocking=True)).float().cpu())
-        labels.append(targets)
+    )
+    with torch.inference_mode():
+        for images, targets in bar:
+            batch = to_float(images.to(device, non_blocking=True))
+            features.append(model.features(batch).float().cpu())
+            labels.append(targets)
     return torch.cat(features).numpy(), torch.cat(labels).numpy().astype(np.int64)
 
 

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from tqdm import tqdm
+
+from robustft.data.registry import split_column
+from robustft.features import read_features
+from robustft.io import atomic_path, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +120,59 @@ def _full_head(
     weight[model.classes_] = coef
     bias[model.classes_] = intercept
     return weight, bias
+
+
+def run_probe(
+    *,
+    feature_files: Mapping[str, str | Path],
+    out_dir: str | Path,
+    c_grid: Sequence[float],
+    max_iter: int,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fit the probe on `train`, choose C on `val`, report accuracy on every split."""
+    missing = [split for split in ("train", "val") if split not in feature_files]
+    if missing:
+        raise ValueError(f"probe needs feature files for splits {missing}")
+    first = read_features(feature_files["train"])
+    num_classes = int(first.attrs.get("num_classes", first.labels.max() + 1))
+    sets = {
+        split: read_features(path, num_classes=num_classes) for split, path in feature_files.items()
+    }
+    dims = {split: data.features.shape[1] for split, data in sets.items()}
+    if len(set(dims.values())) != 1:
+        raise ValueError(f"feature dimensions differ between splits: {dims}")
+    result = fit_probe(
+        train_x=sets["train"].features,
+        train_y=sets["train"].labels,
+        val_x=sets["val"].features,
+        val_y=sets["val"].labels,
+        c_grid=list(c_grid),
+        num_classes=num_classes,
+        max_iter=max_iter,
+        progress=progress,
+    )
+    accuracies = {
+        split_column(split): float((result.predict(data.features) == data.labels).mean())
+        for split, data in sets.items()
+        if split != "train"
+    }
+    out_dir = Path(out_dir)
+    weight, bias = result.raw_scale_head()
+    from safetensors.numpy import save_file
+
+    with atomic_path(out_dir / "head.safetensors") as tmp:
+        save_file({"weight": weight, "bias": bias}, str(tmp))
+    write_csv(out_dir / "sweep.csv", result.sweep)
+    chosen = next(row for row in result.sweep if row["C"] == result.C)
+    metrics = {
+        "C": result.C,
+        "converged": chosen["converged"],
+        "n_iter": chosen["n_iter"],
+        "train_acc": chosen["train_acc"],
+        "feature_mean": result.mean,
+        "feature_std": result.std,
+        **accuracies,
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from robustft.io import atomic_path, read_json
+from robustft.io import atomic_path, read_json, write_json
 
 Z_90 = 1.645  # two-sided 90% normal interval, as in Kumar et al. 2022
 
@@ -181,3 +181,24 @@ def summary_table(
     table = pd.concat([pd.read_csv(path) for path in csv_files], ignore_index=True)
     write_tables(table, csv_path=csv_path, md_path=md_path)
     return table
+
+
+def select_run(*, metrics_files: Sequence[str | Path], out_path: str | Path) -> dict[str, Any]:
+    """Best learning rate by mean ID val accuracy over seeds (ties: the smaller lr)."""
+    by_lr: dict[float, list[dict[str, Any]]] = {}
+    for path in metrics_files:
+        metrics = read_json(path)
+        metrics["path"] = str(path)
+        by_lr.setdefault(float(metrics["lr"]), []).append(metrics)
+    if not by_lr:
+        raise ValueError("no runs to select from")
+    means = {lr: float(np.mean([run["id_val"] for run in runs])) for lr, runs in by_lr.items()}
+    best_lr = max(sorted(means), key=lambda lr: means[lr])
+    selection = {
+        "lr": best_lr,
+        "mean_id_val": means[best_lr],
+        "mean_id_val_by_lr": {f"{lr:g}": value for lr, value in sorted(means.items())},
+        "runs": sorted(by_lr[best_lr], key=lambda run: run["seed"]),
+    }
+    write_json(out_path, selection)
+    return selection

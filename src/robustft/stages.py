@@ -1,9 +1,12 @@
-"""One function per workflow step. Each takes paths and settings, writes its outputs
-atomically, and knows nothing of Snakemake (the scripts in workflow/scripts call these)."""
+"""The torch steps of the workflow: pretraining, feature extraction, fine-tuning.
+
+One function per step; each takes paths and settings, writes its outputs atomically, and knows
+nothing of Snakemake (the scripts in workflow/scripts call these). The probe and the tables,
+which need no torch, live in probe.py and report.py so that their jobs start fast.
+"""
 
 from __future__ import annotations
 
-import csv
 import logging
 import platform
 import subprocess
@@ -16,10 +19,10 @@ import numpy as np
 import torch
 
 from robustft import __version__
-from robustft.data.datasets import ArrayImageDataset, make_transform
-from robustft.data.registry import ID_SPLITS, load_split
-from robustft.features import extract_features, read_features, write_features
-from robustft.io import atomic_path, read_json, write_json
+from robustft.data.datasets import ArrayImageDataset
+from robustft.data.registry import ID_SPLITS, ImageArrays, load_split, split_column
+from robustft.features import extract_features, write_features
+from robustft.io import write_csv, write_json
 from robustft.models import (
     ImageClassifier,
     Preprocess,
@@ -28,7 +31,6 @@ from robustft.models import (
     save_backbone,
     save_model,
 )
-from robustft.probe import fit_probe
 from robustft.training import TrainSettings, train_classifier
 
 log = logging.getLogger(__name__)
@@ -64,21 +66,8 @@ def environment_info() -> dict[str, Any]:
     }
 
 
-def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    fieldnames: list[str] = []
-    for row in rows:
-        fieldnames += [key for key in row if key not in fieldnames]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fieldnames)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _dataset(arrays, *, augment: bool) -> ArrayImageDataset:
-    size = arrays.images.shape[1]
-    return ArrayImageDataset(
-        arrays.images, arrays.labels, make_transform(image_size=size, augment=augment)
-    )
+def _dataset(arrays: ImageArrays) -> ArrayImageDataset:
+    return ArrayImageDataset(arrays.images, arrays.labels)
 
 
 def pretrain_toy_backbone(
@@ -122,8 +111,8 @@ def pretrain_toy_backbone(
     )
     result = train_classifier(
         model=model,
-        train_set=_dataset(train, augment=True),
-        eval_sets={"val": _dataset(val, augment=False)},
+        train_set=_dataset(train),
+        eval_sets={"val": _dataset(val)},
         settings=settings,
         select_on="val",
         device=device,
@@ -170,7 +159,7 @@ def extract_split(
     )
     features, labels = extract_features(
         model,
-        _dataset(arrays, augment=False),
+        _dataset(arrays),
         batch_size=batch_size,
         device=device,
         progress=progress,
@@ -189,67 +178,6 @@ def extract_split(
             f"std={list(preprocess.std)}; no augmentation",
         },
     )
-
-
-def run_probe(
-    *,
-    feature_files: Mapping[str, str | Path],
-    out_dir: str | Path,
-    c_grid: Sequence[float],
-    max_iter: int,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Fit the probe on `train`, choose C on `val`, report accuracy on every split."""
-    missing = [split for split in ("train", "val") if split not in feature_files]
-    if missing:
-        raise ValueError(f"probe needs feature files for splits {missing}")
-    first = read_features(feature_files["train"])
-    num_classes = int(first.attrs.get("num_classes", first.labels.max() + 1))
-    sets = {
-        split: read_features(path, num_classes=num_classes) for split, path in feature_files.items()
-    }
-    dims = {split: data.features.shape[1] for split, data in sets.items()}
-    if len(set(dims.values())) != 1:
-        raise ValueError(f"feature dimensions differ between splits: {dims}")
-    result = fit_probe(
-        train_x=sets["train"].features,
-        train_y=sets["train"].labels,
-        val_x=sets["val"].features,
-        val_y=sets["val"].labels,
-        c_grid=list(c_grid),
-        num_classes=num_classes,
-        max_iter=max_iter,
-        progress=progress,
-    )
-    accuracies = {
-        _column(split): float((result.predict(data.features) == data.labels).mean())
-        for split, data in sets.items()
-        if split != "train"
-    }
-    out_dir = Path(out_dir)
-    weight, bias = result.raw_scale_head()
-    from safetensors.numpy import save_file
-
-    with atomic_path(out_dir / "head.safetensors") as tmp:
-        save_file({"weight": weight, "bias": bias}, str(tmp))
-    write_csv(out_dir / "sweep.csv", result.sweep)
-    chosen = next(row for row in result.sweep if row["C"] == result.C)
-    metrics = {
-        "C": result.C,
-        "converged": chosen["converged"],
-        "n_iter": chosen["n_iter"],
-        "train_acc": chosen["train_acc"],
-        "feature_mean": result.mean,
-        "feature_std": result.std,
-        **accuracies,
-    }
-    write_json(out_dir / "metrics.json", metrics)
-    return metrics
-
-
-def _column(split: str) -> str:
-    """History/metrics column of a split: id_val, id_test, ood_<name>."""
-    return f"id_{split}" if split in ID_SPLITS else f"ood_{split}"
 
 
 def load_probe_head(probe_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,13 +244,13 @@ def run_finetune(
         seed=seed,
     )
     eval_sets = {
-        _column(split): _dataset(arrays, augment=False)
+        split_column(split): _dataset(arrays)
         for split, arrays in splits.items()
         if split != "train"
     }
     result = train_classifier(
         model=model,
-        train_set=_dataset(splits["train"], augment=augment),
+        train_set=_dataset(splits["train"]),
         eval_sets=eval_sets,
         settings=settings,
         select_on="id_val",
@@ -359,24 +287,3 @@ def run_finetune(
     )
     write_json(out_dir / "metrics.json", metrics)
     return metrics
-
-
-def select_run(*, metrics_files: Sequence[str | Path], out_path: str | Path) -> dict[str, Any]:
-    """Best learning rate by mean ID val accuracy over seeds (ties: the smaller lr)."""
-    by_lr: dict[float, list[dict[str, Any]]] = {}
-    for path in metrics_files:
-        metrics = read_json(path)
-        metrics["path"] = str(path)
-        by_lr.setdefault(float(metrics["lr"]), []).append(metrics)
-    if not by_lr:
-        raise ValueError("no runs to select from")
-    means = {lr: float(np.mean([run["id_val"] for run in runs])) for lr, runs in by_lr.items()}
-    best_lr = max(sorted(means), key=lambda lr: means[lr])
-    selection = {
-        "lr": best_lr,
-        "mean_id_val": means[best_lr],
-        "mean_id_val_by_lr": {f"{lr:g}": value for lr, value in sorted(means.items())},
-        "runs": sorted(by_lr[best_lr], key=lambda run: run["seed"]),
-    }
-    write_json(out_path, selection)
-    return selection

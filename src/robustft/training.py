@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from robustft.data.datasets import BatchTransform, memory_format, to_float
 from robustft.evaluate import accuracy
 
 log = logging.getLogger(__name__)
@@ -70,11 +71,13 @@ def train_classifier(
     device: str = "cpu",
     progress: bool = True,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    batch_transform: BatchTransform = to_float,
 ) -> TrainResult:
     """SGD with momentum and a per-step cosine schedule; evaluates every split each epoch.
 
     Row 0 of the history is the model before training. The best epoch is the one with the
     highest accuracy on `eval_sets[select_on]` (the first such epoch on ties).
+    `batch_transform` (augmentation) is applied to each training batch on the device.
     """
     if select_on not in eval_sets:
         raise ValueError(f"select_on={select_on!r} is not one of the eval sets {list(eval_sets)}")
@@ -101,7 +104,7 @@ def train_classifier(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_lr(step=step, total_steps=total_steps, base_lr=1.0)
     )
-    model.to(device)
+    model.to(device=device, memory_format=memory_format(device))
 
     def evaluate_all() -> dict[str, float]:
         return {
@@ -142,7 +145,7 @@ def train_classifier(
         epoch_lr = optimizer.param_groups[0]["lr"]
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device)
-            logits = model(images)
+            logits = model(batch_transform(images, generator))
             loss = loss_fn(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

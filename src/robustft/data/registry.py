@@ -21,6 +21,11 @@ class ImageArrays:
     class_names: tuple[str, ...]
 
 
+def split_column(split: str) -> str:
+    """History/metrics column of a split: id_val, id_test, ood_<name>."""
+    return f"id_{split}" if split in ID_SPLITS else f"ood_{split}"
+
+
 def dataset_files(dataset: str, *, root: str | Path) -> dict[str, Path]:
     """The files a dataset's reader needs, relative to its resource folder."""
     root = Path(root)
