@@ -82,3 +82,15 @@ def test_bad_values_raise_one_line_naming_the_key(change, named):
 )
 def test_hyperparameters_have_one_spelling(value, spelling):
     assert format_hparam(value) == spelling
+
+
+def test_command_line_strings_become_the_types_the_schema_asks_for():
+    # What `snakemake --config seeds='[0, 1]' finetune='{epochs: 3}'` passes in.
+    config = validate_config(
+        {"seeds": ["0", "1"], "finetune": {"epochs": "3", "augment": "false"}}, SCHEMA
+    )
+    assert config["seeds"] == [0, 1]
+    assert config["finetune"]["epochs"] == 3
+    assert config["finetune"]["augment"] is False
+    with pytest.raises(ConfigError, match="toyshift.seed"):
+        validate_config({"toyshift": {"seed": "x1"}}, SCHEMA)

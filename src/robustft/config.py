@@ -82,8 +82,36 @@ def _copy(value: Any) -> Any:
     return value
 
 
+def coerce_strings(value: Any, schema: Mapping[str, Any]) -> Any:
+    """Turn strings into the scalar type the schema asks for.
+
+    Snakemake's `--config` parses nested values with YAML's BaseLoader, so
+    `--config seeds='[0, 1]'` arrives as ["0", "1"]. Strings that do not parse stay strings,
+    and validation then names them.
+    """
+    expected = schema.get("type")
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        return {key: coerce_strings(item, properties.get(key, {})) for key, item in value.items()}
+    if isinstance(value, list):
+        return [coerce_strings(item, schema.get("items", {})) for item in value]
+    if not isinstance(value, str) or not isinstance(expected, str):
+        return value
+    try:
+        if expected == "integer":
+            return int(value)
+        if expected == "number":
+            return float(value)
+    except ValueError:
+        return value
+    if expected == "boolean" and value.lower() in {"true", "false"}:
+        return value.lower() == "true"
+    return value
+
+
 def validate_config(config: dict[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
     """Fill defaults into `config` in place and check it; raise ConfigError (one line) if wrong."""
+    config.update(coerce_strings(config, schema))
     validator = _fill_defaults(jsonschema.Draft7Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
