@@ -92,5 +92,5 @@ def test_command_line_strings_become_the_types_the_schema_asks_for():
     assert config["seeds"] == [0, 1]
     assert config["finetune"]["epochs"] == 3
     assert config["finetune"]["augment"] is False
-    with pytest.raises(ConfigError, match="toyshift.seed"):
+    with pytest.raises(ConfigError, match=r"toyshift\.seed"):
         validate_config({"toyshift": {"seed": "x1"}}, SCHEMA)

@@ -145,11 +145,13 @@ def test_a_target_file_reruns_one_dataset(tiny_run):
     table = tiny_run / "results" / "tables" / "toyshift.md"
     table.unlink()
     # The target goes first: --configfile takes several values.
-    result = snakemake("-n", str(table.relative_to(tiny_run)), "--configfile", str(TINY),
-                       cwd=tiny_run)
+    result = snakemake(
+        "-n", str(table.relative_to(tiny_run)), "--configfile", str(TINY), cwd=tiny_run
+    )
     assert planned_jobs(result.stdout) == {"aggregate_tables": 1}
-    snakemake("--cores", "1", str(table.relative_to(tiny_run)), "--configfile", str(TINY),
-              cwd=tiny_run)
+    snakemake(
+        "--cores", "1", str(table.relative_to(tiny_run)), "--configfile", str(TINY), cwd=tiny_run
+    )
     assert table.exists()
 
 
