@@ -9,7 +9,8 @@
 # wait for the node by SLURM_SETUP_WAIT (default 90 s).
 #
 # Never touches a SLURM it did not configure: an /etc/slurm/slurm.conf without this script's
-# marker line stops it (a real cluster's login node must stay as it is).
+# marker line, or a SLURM that answers sinfo without that file, stops it (a real cluster's login
+# node must stay as it is).
 set -euo pipefail
 
 MARKER="# written by robustft .ci/setup-slurm.sh"
@@ -32,12 +33,67 @@ node_idle() {
     [[ $state =~ ^(idle|mix|alloc)$ ]]
 }
 
-[[ $(id -u) -eq 0 ]] || fail "must run as root (it installs packages and starts daemons)"
-[[ -r /etc/debian_version ]] || fail "needs Debian (apt-get); found $(uname -s) without it"
-
 if [[ -e $CONF ]] && ! grep -qxF "$MARKER" "$CONF"; then
     fail "$CONF exists and was not written by this script; refusing to touch that SLURM"
 fi
+if [[ ! -e $CONF ]] && command -v sinfo >/dev/null && timeout 10 sinfo >/dev/null 2>&1; then
+    fail "a SLURM that this script did not set up answers sinfo; refusing to touch it"
+fi
+
+# --- slurm.conf ---------------------------------------------------------------------------
+# The CPUs this machine lets us use; not nproc alone, which obeys OMP_NUM_THREADS (a test
+# environment sets it to 1) and would shrink the node.
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+real_memory=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo)
+[[ $real_memory -gt 0 ]] || fail "could not read MemTotal from /proc/meminfo"
+wanted=$(
+    cat <<EOF
+$MARKER
+# One node (this machine), one partition, no accounting: for tests, not for production.
+ClusterName=robustft
+SlurmctldHost=localhost
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+# No cgroups in a container: track processes by parent id, no task confinement.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+SchedulerType=sched/backfill
+MpiDefault=none
+# A node that was down comes back by itself once slurmd registers with a valid config.
+ReturnToService=2
+# Finished jobs stay visible to squeue for 10 minutes: the executor plugin's squeue-based
+# status checks need MinJobAge >= 3 x its first status delay (and its longest poll, 180 s).
+MinJobAge=600
+SlurmctldPort=6817
+SlurmdPort=6818
+StateSaveLocation=/var/lib/slurm/slurmctld
+SlurmdSpoolDir=/var/lib/slurm/slurmd
+SlurmctldPidFile=/run/slurm/slurmctld.pid
+SlurmdPidFile=/run/slurm/slurmd.pid
+SlurmctldLogFile=$LOGDIR/slurmctld.log
+SlurmdLogFile=$LOGDIR/slurmd.log
+SlurmctldTimeout=30
+SlurmdTimeout=60
+InactiveLimit=0
+KillWait=10
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$real_memory State=UNKNOWN
+PartitionName=$PARTITION Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+EOF
+)
+# Already set up and running with this configuration: nothing to do (root not needed).
+if [[ -e $CONF ]] && [[ $(cat "$CONF") == "$wanted" ]] && command -v sinfo >/dev/null &&
+    node_idle; then
+    log "ready: partition $PARTITION, node localhost idle (already running)"
+    exit 0
+fi
+
+[[ $(id -u) -eq 0 ]] || fail "must run as root (it installs packages and starts daemons)"
+[[ -r /etc/debian_version ]] || fail "needs Debian (apt-get); found $(uname -s) without it"
 
 # --- packages -----------------------------------------------------------------------------
 packages=(slurm-wlm slurmctld slurmd slurm-client munge)
@@ -95,49 +151,7 @@ if ! timeout 5 munge -n 2>/dev/null | timeout 5 unmunge >/dev/null 2>&1; then
 fi
 
 # --- slurm.conf ---------------------------------------------------------------------------
-cpus=$(nproc)
-real_memory=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo)
-[[ $real_memory -gt 0 ]] || fail "could not read MemTotal from /proc/meminfo"
 install -d -m 0755 /etc/slurm "$LOGDIR" /var/lib/slurm/slurmctld /var/lib/slurm/slurmd /run/slurm
-wanted=$(
-    cat <<EOF
-$MARKER
-# One node (this machine), one partition, no accounting: for tests, not for production.
-ClusterName=robustft
-SlurmctldHost=localhost
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-# No cgroups in a container: track processes by parent id, no task confinement.
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-SchedulerType=sched/backfill
-MpiDefault=none
-# A node that was down comes back by itself once slurmd registers with a valid config.
-ReturnToService=2
-# Finished jobs stay visible to squeue for 10 minutes: the executor plugin's squeue-based
-# status checks need MinJobAge >= 3 x its first status delay (and its longest poll, 180 s).
-MinJobAge=600
-SlurmctldPort=6817
-SlurmdPort=6818
-StateSaveLocation=/var/lib/slurm/slurmctld
-SlurmdSpoolDir=/var/lib/slurm/slurmd
-SlurmctldPidFile=/run/slurm/slurmctld.pid
-SlurmdPidFile=/run/slurm/slurmd.pid
-SlurmctldLogFile=$LOGDIR/slurmctld.log
-SlurmdLogFile=$LOGDIR/slurmd.log
-SlurmctldTimeout=30
-SlurmdTimeout=60
-InactiveLimit=0
-KillWait=10
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$real_memory State=UNKNOWN
-PartitionName=$PARTITION Nodes=localhost Default=YES MaxTime=INFINITE State=UP
-EOF
-)
 restart=0
 if [[ ! -e $CONF ]] || [[ $(cat "$CONF") != "$wanted" ]]; then
     log "writing $CONF (CPUs=$cpus RealMemory=${real_memory}M partition=$PARTITION)"
@@ -188,4 +202,4 @@ until node_idle; do
     timeout 10 scontrol update nodename=localhost state=resume >/dev/null 2>&1 || true
     sleep 1
 done
-log "ready: partition $PARTITION, node localhost idle ($cpus CPUs, ${real_memory}M) after ${SECONDS}s"
+log "ready: partition $PARTITION, node localhost idle ($cpus CPUs, ${real_memory}M), ${SECONDS}s"
