@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from robustft.io import atomic_path
+from robustft.io import atomic_path, open_hdf5
 
 if TYPE_CHECKING:
     import torch
@@ -80,13 +80,7 @@ def write_features(
 def read_features(path: str | Path, *, num_classes: int | None = None) -> FeatureSet:
     """Read a feature file and check what a probe relies on; errors name the file."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: feature file missing")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as error:
-        raise ValueError(f"{path}: not a readable HDF5 file ({error})") from None
-    with handle:
+    with open_hdf5(path, what="feature file") as handle:
         for name in ("features", "labels"):
             if name not in handle:
                 raise ValueError(f"{path}: no '{name}' dataset (found: {sorted(handle)})")

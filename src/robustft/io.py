@@ -73,6 +73,19 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def open_hdf5(path: str | Path, *, what: str = "file") -> Any:
+    """Open an HDF5 file for reading; a missing or unreadable file is a one-line error."""
+    import h5py  # here, not at the top: report jobs import this module and need no HDF5
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise ValueError(f"{path}: not a readable HDF5 file ({error})") from None
+
+
 def _json_default(value: Any) -> Any:
     # numpy scalars and paths appear in metrics; write them as plain JSON values.
     if hasattr(value, "item"):

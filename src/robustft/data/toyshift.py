@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 from PIL import Image, ImageDraw
 
-from robustft.io import atomic_path
+from robustft.io import atomic_path, open_hdf5
 
 __all__ = [
     "DEFAULT_PRETRAIN_IMAGES_PER_CLASS",
@@ -1086,13 +1086,7 @@ def _groups(f: h5py.File) -> list[str]:
 
 
 def _open(path: str | Path) -> h5py.File:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: file not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as error:
-        raise ValueError(f"{path}: not a readable HDF5 file ({error})") from None
+    f = open_hdf5(path)
     fmt = f.attrs.get("format")
     fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
     version = f.attrs.get("format_version")
