@@ -19,7 +19,12 @@ def predict_logits(
     model.eval().to(memory_format=memory_format(device))
     logits, labels = [], []
     try:
-        for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        # Its own generator: each DataLoader iterator draws a seed, which must not move the
+        # global RNG (a resumed training run re-evaluates and must still replay it exactly).
+        loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator()
+        )
+        for images, targets in loader:
             logits.append(model(to_float(images.to(device, non_blocking=True))).float().cpu())
             labels.append(targets)
     finally:

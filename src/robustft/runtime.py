@@ -1,14 +1,52 @@
-"""What every workflow job does first: logging into its log file, threads, device."""
+"""What every workflow job does first: logging into its log file, threads, device, SIGTERM."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
+from typing import Any
+
+# 128 + SIGTERM: what a shell reports for a process that SIGTERM ended.
+STOPPED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class StopRequested(BaseException):
+    """SIGTERM arrived (SLURM sends it before a preemption or the time limit kills a job).
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it.
+    """
+
+
+_stop = {"requested": False, "deferred": 0}
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    _stop["requested"] = True
+    if not _stop["deferred"]:
+        raise StopRequested("stopped by SIGTERM")
+
+
+def stop_requested() -> bool:
+    """Whether SIGTERM has arrived; checked by code that can save its state first."""
+    return _stop["requested"]
+
+
+@contextlib.contextmanager
+def sigterm_deferred() -> Iterator[None]:
+    """Inside this block SIGTERM only sets `stop_requested()`: the code polls it at points
+    where it can save its state, then raises `StopRequested` itself."""
+    _stop["deferred"] += 1
+    try:
+        yield
+    finally:
+        _stop["deferred"] -= 1
 
 
 def resolve_device(name: str) -> str:
@@ -27,7 +65,8 @@ def job(*, log_path: str | Path | None, threads: int | None = None) -> Iterator[
     """Run a workflow step: output and progress bars go to `log_path`; `threads` (for torch
     steps) caps torch's thread pools so that parallel jobs do not oversubscribe the cores and
     makes torch deterministic; a failure writes its traceback to the log and one line to the
-    terminal, and exits non-zero."""
+    terminal, and exits non-zero. SIGTERM ends the job with exit code 143 (after the code
+    inside saved what it can; see `sigterm_deferred`)."""
     original_stderr = sys.stderr
     handle = open(log_path, "w", encoding="utf-8", buffering=1) if log_path else None  # noqa: SIM115
     if handle:
@@ -38,22 +77,36 @@ def job(*, log_path: str | Path | None, threads: int | None = None) -> Iterator[
         force=True,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if threads is not None:
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        import torch
-
-        torch.set_num_threads(max(1, threads))
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    _stop["requested"] = False
+    previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if threads is not None:
+            os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+            import torch
+
+            torch.set_num_threads(max(1, threads))
+            torch.use_deterministic_algorithms(True, warn_only=True)
         yield
+    except StopRequested as stop:
+        _report(f"robustft: {stop}", terminal=original_stderr, log_file=handle)
+        sys.exit(STOPPED_EXIT_CODE)
     except Exception as error:
         traceback.print_exc(file=sys.stderr)
-        message = f"robustft: {type(error).__name__}: {error}".splitlines()[0]
-        print(message, file=original_stderr, flush=True)
-        if handle:
-            print(message, file=handle, flush=True)
+        _report(
+            f"robustft: {type(error).__name__}: {error}", terminal=original_stderr, log_file=handle
+        )
         sys.exit(1)
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        _stop["requested"] = False
         if handle:
             sys.stdout, sys.stderr = sys.__stdout__, original_stderr
             handle.close()
+
+
+def _report(message: str, *, terminal: Any, log_file: Any) -> None:
+    """One line on the terminal (and in the log): what a user reads first."""
+    line = message.splitlines()[0] if message else "robustft: failed"
+    print(line, file=terminal, flush=True)
+    if log_file:
+        print(line, file=log_file, flush=True)

@@ -7,7 +7,9 @@ which need no torch, live in probe.py and report.py so that their jobs start fas
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
 import logging
 import platform
 import subprocess
@@ -20,10 +22,10 @@ import numpy as np
 import torch
 
 from robustft import __version__
-from robustft.data.datasets import ArrayImageDataset
+from robustft.data.datasets import ArrayImageDataset, train_transform
 from robustft.data.registry import ID_SPLITS, ImageArrays, load_split, split_column
 from robustft.features import extract_features, write_features
-from robustft.io import write_csv, write_json
+from robustft.io import sha256_file, write_csv, write_json
 from robustft.models import (
     ImageClassifier,
     Preprocess,
@@ -32,7 +34,7 @@ from robustft.models import (
     save_backbone,
     save_model,
 )
-from robustft.training import TrainSettings, train_classifier
+from robustft.training import Checkpointing, TrainSettings, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -207,17 +209,25 @@ def run_finetune(
     freeze_bn: bool,
     augment: bool,
     probe_dir: str | Path | None = None,
+    state_dir: str | Path | None = None,
+    checkpoint_minutes: float = 5.0,
     device: str = "cpu",
     progress: bool = True,
     resolved_config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune the whole network (FT: new random head; LP-FT: head from the probe)."""
+    """Fine-tune the whole network (FT: new random head; LP-FT: head from the probe).
+
+    With `state_dir`, resumable state (`last.pt`) is saved there every epoch, every
+    `checkpoint_minutes` and on SIGTERM; a rerun resumes from it, and it is deleted once the
+    outputs are written. Keep it out of the job's declared outputs (Snakemake deletes those
+    when a job fails).
+    """
     splits = {
         split: load_split(dataset=dataset, split=split, root=data_root)
         for split in (*ID_SPLITS, *ood_splits)
     }
     num_classes = len(splits["train"].class_names)
-    backbone, preprocess, _ = load_backbone(model_dir)
+    backbone, preprocess, backbone_meta = load_backbone(model_dir)
     torch.manual_seed(seed)  # the new head's initialisation depends on the seed only
     model = ImageClassifier(backbone=backbone, num_classes=num_classes, preprocess=preprocess)
     if method in METHODS_WITH_PROBE_HEAD:
@@ -248,6 +258,26 @@ def run_finetune(
         for split, arrays in splits.items()
         if split != "train"
     }
+    checkpointing = None
+    if state_dir is not None:
+        identity = {
+            "method": method,
+            "dataset": dataset,
+            "settings": asdict(settings),
+            "augment": augment,
+            "backbone_sha256": backbone_meta["sha256"],
+            "probe_head_sha256": (
+                sha256_file(Path(probe_dir) / "head.safetensors") if probe_dir else None
+            ),
+            "split_sizes": {split: len(arrays.labels) for split, arrays in splits.items()},
+        }
+        checkpointing = Checkpointing(
+            path=Path(state_dir) / "last.pt",
+            fingerprint=hashlib.sha256(
+                json.dumps(identity, sort_keys=True).encode("utf-8")
+            ).hexdigest(),
+            every_seconds=60.0 * checkpoint_minutes,
+        )
     result = train_classifier(
         model=model,
         train_set=_dataset(splits["train"]),
@@ -256,6 +286,8 @@ def run_finetune(
         select_on="id_val",
         device=device,
         progress=progress,
+        batch_transform=train_transform(augment=augment),
+        checkpointing=checkpointing,
     )
     out_dir = Path(out_dir)
     model.load_state_dict(result.best_state)
@@ -286,4 +318,6 @@ def run_finetune(
         },
     )
     write_json(out_dir / "metrics.json", metrics)
+    if checkpointing is not None:
+        checkpointing.discard()
     return metrics

@@ -2,16 +2,23 @@
 
 Pretraining the toy backbone, FT and LP-FT all go through `train_classifier`; they differ
 only in the model they pass in (initialisation), `freeze_bn`, and the settings.
+
+The loop can save resumable state (`Checkpointing`) every epoch, every few minutes and on
+SIGTERM; a rerun with the same state file continues where it stopped and ends with exactly
+the history and weights of an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +28,8 @@ from tqdm import tqdm
 
 from robustft.data.datasets import BatchTransform, memory_format, to_float
 from robustft.evaluate import accuracy
+from robustft.io import atomic_path
+from robustft.runtime import StopRequested, sigterm_deferred, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +52,32 @@ class TrainResult:
     best_epoch: int
     best_state: dict[str, torch.Tensor] = field(repr=False)
     diverged: bool = False
+
+
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where and how often `train_classifier` saves resumable state.
+
+    `path` must not be a declared output of a Snakemake job: Snakemake deletes those when a
+    job fails, and the state exists precisely for the job that failed. State saved under
+    another `fingerprint` (other settings, weights or data) is ignored, never resumed.
+    """
+
+    path: Path
+    fingerprint: str
+    every_seconds: float = 300.0
+
+    def discard(self) -> None:
+        """Delete the state, and the folders it leaves empty: call once the outputs are written."""
+        self.path.unlink(missing_ok=True)
+        # Temporary files of saves that a SIGKILL cut short (see io.atomic_path).
+        for partial in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.removedirs(self.path.parent)  # stops at the first folder that is not empty
 
 
 def cosine_lr(*, step: int, total_steps: int, base_lr: float) -> float:
@@ -72,110 +107,261 @@ def train_classifier(
     progress: bool = True,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     batch_transform: BatchTransform = to_float,
+    checkpointing: Checkpointing | None = None,
 ) -> TrainResult:
     """SGD with momentum and a per-step cosine schedule; evaluates every split each epoch.
 
     Row 0 of the history is the model before training. The best epoch is the one with the
     highest accuracy on `eval_sets[select_on]` (the first such epoch on ties).
     `batch_transform` (augmentation) is applied to each training batch on the device.
+    With `checkpointing`, state is saved after every epoch, every `every_seconds` and when
+    SIGTERM arrives (then `StopRequested` is raised); a call that finds matching state resumes.
     """
     if select_on not in eval_sets:
         raise ValueError(f"select_on={select_on!r} is not one of the eval sets {list(eval_sets)}")
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(settings.seed)
-    torch.manual_seed(settings.seed)
-    loader = DataLoader(
-        train_set,
-        batch_size=settings.batch_size,
-        shuffle=True,
-        drop_last=True,
-        generator=generator,
-    )
-    if len(loader) == 0:
+    num_examples = len(train_set)  # type: ignore[arg-type]
+    steps_per_epoch = num_examples // settings.batch_size
+    if steps_per_epoch == 0:
         raise ValueError(
-            f"training set has {len(train_set)} examples, fewer than one batch "
+            f"training set has {num_examples} examples, fewer than one batch "
             f"({settings.batch_size})"
         )
+    generator = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
         params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
-    total_steps = settings.epochs * len(loader)
+    total_steps = settings.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_lr(step=step, total_steps=total_steps, base_lr=1.0)
     )
     model.to(device=device, memory_format=memory_format(device))
+    run = _RunState(settings=settings)
+    if checkpointing is not None:
+        _resume(
+            run,
+            checkpointing=checkpointing,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            generator=generator,
+        )
+
+    def save() -> None:
+        if checkpointing is not None:
+            _save(
+                run,
+                checkpointing=checkpointing,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                generator=generator,
+            )
+
+    def stop_if_requested() -> None:
+        if stop_requested():
+            save()
+            where = f"; state saved to {checkpointing.path}" if checkpointing else ""
+            raise StopRequested(f"stopped by SIGTERM at epoch {run.epoch}, step {run.step}{where}")
 
     def evaluate_all() -> dict[str, float]:
-        return {
-            name: accuracy(model, data, batch_size=settings.eval_batch_size, device=device)
-            for name, data in eval_sets.items()
-        }
+        scores = {}
+        for name, data in eval_sets.items():
+            scores[name] = accuracy(model, data, batch_size=settings.eval_batch_size, device=device)
+            stop_if_requested()
+        return scores
 
-    history = [
-        {
-            "epoch": 0,
-            "lr": settings.lr,
-            "train_loss": float("nan"),
-            "train_acc": float("nan"),
-            **evaluate_all(),
-            "seconds": 0.0,
-        }
-    ]
-    best_epoch, best_score = 0, history[0][select_on]
-    best_state = copy.deepcopy(model.state_dict())
-    diverged = False
     bar = tqdm(
         total=total_steps,
+        initial=(run.epoch - 1) * steps_per_epoch + run.step if run.history else 0,
         disable=not progress,
         desc="train",
         unit="step",
         mininterval=2.0,
         ascii=True,
     )
-    for epoch in range(1, settings.epochs + 1):
-        started = time.perf_counter()
-        model.train()
-        if settings.freeze_bn:
-            freeze_batchnorm_statistics(model)
-        # Sums stay on the device: no host sync per step.
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        epoch_lr = optimizer.param_groups[0]["lr"]
-        for images, labels in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device)
-            logits = model(batch_transform(images, generator))
-            loss = loss_fn(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.detach().argmax(dim=1) == labels).sum()
-            seen += len(labels)
-            bar.update()
-        row = {
-            "epoch": epoch,
-            "lr": epoch_lr,
-            "train_loss": loss_sum.item() / seen,
-            "train_acc": correct.item() / seen,
-            **evaluate_all(),
-            "seconds": time.perf_counter() - started,
-        }
-        history.append(row)
-        if not math.isfinite(row["train_loss"]):
-            # A diverged run is a result (this lr is too high), not a crash of the workflow.
-            log.warning(
-                "loss is %s at epoch %d (lr %g): stopping", row["train_loss"], epoch, settings.lr
+    with sigterm_deferred():
+        if not run.history:
+            scores = evaluate_all()
+            run.history.append(
+                {
+                    "epoch": 0,
+                    "lr": settings.lr,
+                    "train_loss": float("nan"),
+                    "train_acc": float("nan"),
+                    **scores,
+                    "seconds": 0.0,
+                }
             )
-            diverged = True
-            break
-        log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
-        if row[select_on] > best_score:
-            best_epoch, best_score = epoch, row[select_on]
-            best_state = copy.deepcopy(model.state_dict())
+            run.best_epoch, run.best_score = 0, scores[select_on]
+            run.best_state = copy.deepcopy(model.state_dict())
+            save()
+        last_save = time.monotonic()
+        while run.epoch <= settings.epochs and not run.diverged:
+            started = time.perf_counter() - run.seconds
+            model.train()
+            if settings.freeze_bn:
+                freeze_batchnorm_statistics(model)
+            if run.step == 0:
+                run.order = torch.randperm(num_examples, generator=generator)
+                run.loss_sum = torch.zeros((), device=device)
+                run.correct = torch.zeros((), device=device, dtype=torch.long)
+                run.seen = 0
+                run.epoch_lr = optimizer.param_groups[0]["lr"]
+            loader = DataLoader(
+                train_set,
+                batch_size=settings.batch_size,
+                sampler=run.order[run.step * settings.batch_size :].tolist(),
+                drop_last=True,
+                # Its own generator: a DataLoader draws a seed from it per iterator, and a
+                # resumed run creates one more iterator than an uninterrupted one.
+                generator=torch.Generator(),
+            )
+            # Sums stay on the device: no host sync per step.
+            for images, labels in loader:
+                images, labels = images.to(device, non_blocking=True), labels.to(device)
+                logits = model(batch_transform(images, generator))
+                loss = loss_fn(logits, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                run.loss_sum += loss.detach() * len(labels)
+                run.correct += (logits.detach().argmax(dim=1) == labels).sum()
+                run.seen += len(labels)
+                run.step += 1
+                bar.update()
+                run.seconds = time.perf_counter() - started
+                if checkpointing and time.monotonic() - last_save >= checkpointing.every_seconds:
+                    save()
+                    last_save = time.monotonic()
+                stop_if_requested()
+            loss_value = run.loss_sum.item() / run.seen
+            row = {
+                "epoch": run.epoch,
+                "lr": run.epoch_lr,
+                "train_loss": loss_value,
+                "train_acc": run.correct.item() / run.seen,
+                **evaluate_all(),
+                "seconds": time.perf_counter() - started,
+            }
+            run.history.append(row)
+            if not math.isfinite(loss_value):
+                # A diverged run is a result (this lr is too high), not a crash of the workflow.
+                log.warning(
+                    "loss is %s at epoch %d (lr %g): stopping", loss_value, run.epoch, settings.lr
+                )
+                run.diverged = True
+            else:
+                log.info("epoch %d: %s", run.epoch, {k: round(v, 4) for k, v in row.items()})
+                if row[select_on] > run.best_score:
+                    run.best_epoch, run.best_score = run.epoch, row[select_on]
+                    run.best_state = copy.deepcopy(model.state_dict())
+            run.epoch, run.step, run.seconds = run.epoch + 1, 0, 0.0
+            save()
+            last_save = time.monotonic()
     bar.close()
     return TrainResult(
-        history=history, best_epoch=best_epoch, best_state=best_state, diverged=diverged
+        history=run.history,
+        best_epoch=run.best_epoch,
+        best_state=run.best_state,
+        diverged=run.diverged,
     )
+
+
+@dataclass
+class _RunState:
+    """Everything the loop needs to continue: position, partial-epoch sums, history, best."""
+
+    settings: TrainSettings
+    epoch: int = 1  # the epoch in progress (epochs + 1 when training is over)
+    step: int = 0  # steps of `epoch` already taken
+    seconds: float = 0.0  # training time spent in `epoch` so far
+    order: torch.Tensor | None = None  # the example order of `epoch`
+    loss_sum: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+    seen: int = 0
+    epoch_lr: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_score: float = -1.0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    diverged: bool = False
+
+
+def _save(
+    run: _RunState,
+    *,
+    checkpointing: Checkpointing,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+) -> None:
+    state = {
+        "format": STATE_FORMAT,
+        "fingerprint": checkpointing.fingerprint,
+        "epoch": run.epoch,
+        "step": run.step,
+        "seconds": run.seconds,
+        "order": run.order,
+        "loss_sum": None if run.loss_sum is None else run.loss_sum.cpu(),
+        "correct": None if run.correct is None else run.correct.cpu(),
+        "seen": run.seen,
+        "epoch_lr": run.epoch_lr,
+        "history": run.history,
+        "best_epoch": run.best_epoch,
+        "best_score": run.best_score,
+        "best_state": run.best_state,
+        "diverged": run.diverged,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+    with atomic_path(checkpointing.path) as tmp:
+        torch.save(state, tmp)
+
+
+def _resume(
+    run: _RunState,
+    *,
+    checkpointing: Checkpointing,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+) -> None:
+    path = checkpointing.path
+    if not path.exists():
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a file cut short by a crash of the machine, say
+        log.warning("%s: unreadable (%s); starting from scratch", path, error)
+        return
+    if state.get("format") != STATE_FORMAT or state.get("fingerprint") != checkpointing.fingerprint:
+        log.warning("%s: saved by a run with other settings or inputs; starting from scratch", path)
+        return
+    device = next(model.parameters()).device
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    run.epoch, run.step, run.seconds = state["epoch"], state["step"], state["seconds"]
+    run.order = state["order"]
+    run.loss_sum = None if state["loss_sum"] is None else state["loss_sum"].to(device)
+    run.correct = None if state["correct"] is None else state["correct"].to(device)
+    run.seen, run.epoch_lr = state["seen"], state["epoch_lr"]
+    run.history = state["history"]
+    run.best_epoch, run.best_score = state["best_epoch"], state["best_score"]
+    run.best_state = state["best_state"]
+    run.diverged = state["diverged"]
+    log.info("resuming from %s at epoch %d, step %d", path, run.epoch, run.step)

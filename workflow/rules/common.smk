@@ -85,7 +85,7 @@ def get_finetune_settings(method):
     shared = {
         key: value
         for key, value in config["finetune"].items()
-        if key not in {"ft", "lpft"}
+        if key not in {"ft", "lpft", "checkpoint_minutes"}
     }
     own = {
         key: value

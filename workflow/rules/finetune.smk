@@ -24,6 +24,8 @@ rule finetune:
         settings=lambda wildcards: get_finetune_settings(wildcards.method),
         ood_splits=lambda wildcards: get_ood_splits(wildcards.dataset),
         data_root=get_data_root,
+        # Resumable state: not an output, so that it survives the failed job it exists for.
+        state_dir="results/resume/finetune/{method}/{backbone}/{dataset}/lr{lr}/seed{seed}",
         device=config["device"],
         progress=config["progress"],
     script:

@@ -12,6 +12,9 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         model_dir=Path(snakemake.input.weights).parent,
         probe_dir=Path(probe_head).parent if probe_head else None,
         out_dir=Path(snakemake.output.metrics).parent,
+        state_dir=snakemake.params.state_dir,
+        # Read here, not a param: how often state is saved must not rerun finished runs.
+        checkpoint_minutes=snakemake.config["finetune"]["checkpoint_minutes"],
         ood_splits=snakemake.params.ood_splits,
         lr=float(snakemake.wildcards.lr),
         seed=int(snakemake.wildcards.seed),

@@ -1,0 +1,258 @@
+"""Preemption-safe fine-tuning: a job killed or stopped anywhere resumes to exactly the result of
+an uninterrupted run (history, best epoch, weights); only wall-clock `seconds` may differ."""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import TensorDataset
+
+from robustft.models import ImageClassifier, Preprocess, build_backbone, save_backbone
+from robustft.models.toy import ToyResNet
+from robustft.runtime import STOPPED_EXIT_CODE, job
+from robustft.training import Checkpointing, TrainSettings, train_classifier
+
+PRE = Preprocess(input_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+SETTINGS = TrainSettings(epochs=3, lr=0.05, batch_size=16, freeze_bn=True, seed=3)
+
+
+def two_class_images(n, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    images = rng.uniform(0, 0.4, (n, 3, 16, 16)).astype(np.float32)
+    images[labels == 0, :, :, :8] += 0.5
+    images[labels == 1, :, :, 8:] += 0.5
+    return TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
+
+
+TRAIN, VAL = two_class_images(80, seed=0), two_class_images(40, seed=1)
+
+
+def fresh_model():
+    torch.manual_seed(0)
+    return ImageClassifier(backbone=ToyResNet(width=4), num_classes=2, preprocess=PRE)
+
+
+def noisy_flip(images, generator):
+    """An augmentation that uses the loop's generator, as the real one does."""
+    flip = torch.rand(len(images), generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def train(*, checkpointing=None, batch_transform=noisy_flip):
+    model = fresh_model()
+    result = train_classifier(
+        model=model,
+        train_set=TRAIN,
+        eval_sets={"val": VAL, "test": VAL},
+        settings=SETTINGS,
+        select_on="val",
+        progress=False,
+        batch_transform=batch_transform,
+        checkpointing=checkpointing,
+    )
+    return result, model
+
+
+def without_seconds(history):
+    """History rows without wall-clock time; NaN (row 0's loss) compared as text."""
+
+    def comparable(value):
+        return "nan" if isinstance(value, float) and math.isnan(value) else value
+
+    return [{k: comparable(v) for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def assert_same_tensors(first, second):
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    return train()
+
+
+@pytest.mark.parametrize("stop_at_call", [1, 5, 11, 15])
+def test_a_stop_at_any_step_resumes_to_the_uninterrupted_result(
+    tmp_path, uninterrupted, stop_at_call
+):
+    """SIGTERM (a real signal, through the job's handler) after `stop_at_call` steps."""
+    reference, reference_model = uninterrupted
+    checkpointing = Checkpointing(path=tmp_path / "state" / "last.pt", fingerprint="run-a")
+    calls = {"n": 0}
+
+    def transform_then_sigterm(images, generator):
+        calls["n"] += 1
+        if calls["n"] == stop_at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return noisy_flip(images, generator)
+
+    with pytest.raises(SystemExit) as stopped, job(log_path=None):
+        train(checkpointing=checkpointing, batch_transform=transform_then_sigterm)
+    assert stopped.value.code == STOPPED_EXIT_CODE
+    assert checkpointing.path.exists()
+
+    resumed, resumed_model = train(checkpointing=checkpointing)
+    assert without_seconds(resumed.history) == without_seconds(reference.history)
+    assert resumed.best_epoch == reference.best_epoch
+    assert_same_tensors(resumed.best_state, reference.best_state)
+    assert_same_tensors(resumed_model.state_dict(), reference_model.state_dict())
+
+
+def test_state_of_another_run_is_ignored(tmp_path, uninterrupted):
+    reference, _ = uninterrupted
+    path = tmp_path / "last.pt"
+    train(checkpointing=Checkpointing(path=path, fingerprint="other settings"))
+    assert path.exists()  # the finished run's state: discarded only by the caller
+    result, _ = train(checkpointing=Checkpointing(path=path, fingerprint="these settings"))
+    assert without_seconds(result.history) == without_seconds(reference.history)
+
+
+def test_unreadable_state_starts_from_scratch(tmp_path, uninterrupted):
+    reference, _ = uninterrupted
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"cut short")
+    result, _ = train(checkpointing=Checkpointing(path=path, fingerprint="x"))
+    assert without_seconds(result.history) == without_seconds(reference.history)
+
+
+def test_discard_removes_the_state_and_its_empty_folders(tmp_path):
+    (tmp_path / "keep").mkdir()
+    path = tmp_path / "resume" / "ft" / "seed0" / "last.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"state")
+    Checkpointing(path=path, fingerprint="x").discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+
+
+# --- a real fine-tuning job in a subprocess, killed from outside -------------------------------
+
+DRIVER = textwrap.dedent(
+    """
+    import sys
+    from robustft.runtime import job
+    from robustft.stages import run_finetune
+
+    root = sys.argv[1]
+    with job(log_path=f"{root}/job.log", threads=1):
+        run_finetune(
+            method="ft", dataset="toyshift", data_root=f"{root}/data",
+            model_dir=f"{root}/backbone", out_dir=f"{root}/out", state_dir=f"{root}/state",
+            checkpoint_minutes=0.0, ood_splits=["real"], lr=0.05, seed=1, epochs=3,
+            batch_size=8, momentum=0.9, weight_decay=0.0, freeze_bn=True, augment=True,
+            progress=False,
+        )
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def job_inputs(tmp_path_factory):
+    from robustft.data.toyshift import write_toyshift
+
+    root = tmp_path_factory.mktemp("inputs")
+    write_toyshift(
+        pretrain_path=root / "data" / "pretrain.h5",
+        task_path=root / "data" / "task.h5",
+        seed=0,
+        pretrain_classes=2,
+        task_classes=3,
+        pretrain_images_per_class={"real": 4, "clipart": 4, "painting": 4, "sketch": 4},
+        train_per_class=40,
+        val_per_class=8,
+        test_per_class=8,
+        ood_per_class=8,
+    )
+    torch.manual_seed(0)
+    save_backbone(
+        backbone=build_backbone(architecture="toyresnet", kwargs={"width": 8}),
+        out_dir=root / "backbone",
+        architecture="toyresnet",
+        kwargs={"width": 8},
+        preprocess=Preprocess(input_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+    )
+    return root
+
+
+def start_job(inputs, workdir):
+    for name in ("data", "backbone"):
+        target = workdir / name
+        if not target.exists():
+            target.symlink_to(inputs / name)
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(workdir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finished_outputs(workdir):
+    out = workdir / "out"
+    history = pd.read_csv(out / "history.csv").drop(columns="seconds")
+    return {
+        "history": without_seconds(history.to_dict("records")),
+        "metrics": json.loads((out / "metrics.json").read_text()),
+        "weights": load_file(str(out / "model.safetensors")),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference_job(job_inputs, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    process = start_job(job_inputs, workdir)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert not (workdir / "state").exists()  # deleted once the outputs were written
+    training_seconds = pd.read_csv(workdir / "out" / "history.csv")["seconds"].sum()
+    return finished_outputs(workdir), training_seconds
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_a_job_killed_at_a_random_step_reruns_to_the_same_result(
+    job_inputs, reference_job, tmp_path, signal_name
+):
+    reference, training_seconds = reference_job
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    state = tmp_path / "state" / "last.pt"
+    process = start_job(job_inputs, tmp_path)
+    # Training starts once the first state is saved (after the epoch-0 evaluation).
+    deadline = time.monotonic() + 120
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.9 * training_seconds))
+    process.send_signal(getattr(signal, signal_name))
+    _, stderr = process.communicate(timeout=120)
+    context = f"random seed {seed}; stderr: {stderr}"
+    if signal_name == "SIGKILL":
+        assert process.returncode == -signal.SIGKILL, context
+    else:
+        assert process.returncode == STOPPED_EXIT_CODE, context
+        assert stderr.strip().splitlines()[-1].startswith("robustft: stopped by SIGTERM"), context
+        assert str(state) in stderr, context
+    assert state.exists(), context
+    assert not (tmp_path / "out" / "metrics.json").exists(), context
+
+    rerun = start_job(job_inputs, tmp_path)
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert "resuming from" in (tmp_path / "job.log").read_text(), context
+    result = finished_outputs(tmp_path)
+    assert result["history"] == reference["history"], context
+    assert result["metrics"] == reference["metrics"], context
+    assert_same_tensors(result["weights"], reference["weights"])
+    assert not (tmp_path / "state").exists()
