@@ -48,26 +48,6 @@ def test_dry_run_of_the_default_config_plans_the_whole_dag(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-@pytest.mark.parametrize(
-    ("override", "named"),
-    [
-        ("seeds=[]", "'seeds'"),
-        ("methods=[lp,sft]", "methods[1]"),
-        ("bogus_key=1", "'bogus_key'"),
-        ("finetune={'ft': {'lr_grid': [-0.01]}}", "finetune.ft.lr_grid[0]"),
-    ],
-)
-def test_a_config_error_stops_before_any_job_with_one_line(tmp_path, override, named):
-    result = snakemake(
-        "--cores", "1", "--configfile", str(TINY), "--config", override, cwd=tmp_path, check=False
-    )
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("robustft:")]
-    assert len(errors) == 1 and named in errors[0], result.stderr
-    assert not (tmp_path / "results").exists()
-    assert not (tmp_path / "resources").exists()
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tiny")

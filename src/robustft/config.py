@@ -133,6 +133,12 @@ def _check_cross_references(config: dict[str, Any]) -> None:
             raise ConfigError(
                 f"config key 'finetune.{method}.lr_grid': duplicate learning rate in {grid}"
             )
+    c_grid = config["probe"]["c_grid"]
+    if c_grid["log10_min"] > c_grid["log10_max"]:
+        raise ConfigError(
+            f"config key 'probe.c_grid': log10_min {c_grid['log10_min']} is above "
+            f"log10_max {c_grid['log10_max']}"
+        )
     if len(set(config["seeds"])) != len(config["seeds"]):
         raise ConfigError(f"config key 'seeds': duplicate seed in {config['seeds']}")
     toyshift = config.get("toyshift")

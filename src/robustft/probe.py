@@ -139,6 +139,15 @@ def run_probe(
     sets = {
         split: read_features(path, num_classes=num_classes) for split, path in feature_files.items()
     }
+    # Every split must come from the same backbone weights and the same label space.
+    for key in ("num_classes", "weights_sha256"):
+        expected = first.attrs.get(key)
+        for split, data in sets.items():
+            if data.attrs.get(key) != expected:
+                raise ValueError(
+                    f"{feature_files[split]}: attribute {key}={data.attrs.get(key)!r} differs "
+                    f"from the train features' {expected!r} ({feature_files['train']})"
+                )
     dims = {split: data.features.shape[1] for split, data in sets.items()}
     if len(set(dims.values())) != 1:
         raise ValueError(f"feature dimensions differ between splits: {dims}")

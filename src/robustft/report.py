@@ -188,6 +188,9 @@ def select_run(*, metrics_files: Sequence[str | Path], out_path: str | Path) -> 
     by_lr: dict[float, list[dict[str, Any]]] = {}
     for path in metrics_files:
         metrics = read_json(path)
+        missing = [key for key in ("lr", "seed", "id_val") if key not in metrics]
+        if missing:
+            raise ValueError(f"{path}: run metrics lack {missing}")
         metrics["path"] = str(path)
         by_lr.setdefault(float(metrics["lr"]), []).append(metrics)
     if not by_lr:

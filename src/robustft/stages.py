@@ -188,7 +188,13 @@ def load_probe_head(probe_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     path = Path(probe_dir) / "head.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"{path}: probe head missing")
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    if set(state) != {"weight", "bias"} or state["weight"].ndim != 2:
+        shapes = {key: tuple(value.shape) for key, value in state.items()}
+        raise ValueError(f"{path}: expected a 2-d 'weight' and a 'bias', found {shapes}")
     return state["weight"], state["bias"]
 
 
