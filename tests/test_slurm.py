@@ -132,13 +132,14 @@ def _state(prefix, job_id):
 
 
 def _finetune_files(workdir, comment):
-    """(run folder, log file) of the fine-tuning job whose SLURM comment is `comment`."""
+    """(run folder, log file, resumable state) of the fine-tuning job with SLURM `comment`."""
     # The plugin's comment names the wildcard values: rule_finetune_wildcards_<m>_<b>_<d>_<lr>_<s>
     method, backbone, dataset, lr, seed = comment.split("_wildcards_")[1].split("_")
     run = Path(method, backbone, dataset, f"lr{lr}")
     return (
         workdir / "results" / "finetune" / run / f"seed{seed}",
         workdir / "results" / "logs" / "finetune" / run / f"seed{seed}.log",
+        workdir / "results" / "resume" / "finetune" / run / f"seed{seed}" / "last.pt",
     )
 
 
@@ -150,11 +151,10 @@ def _cancel_a_finetune_job_mid_run(process, workdir, prefix, deadline):
             if not comment.startswith("rule_finetune_") or state != "RUNNING" or job_id in tried:
                 continue
             tried.add(job_id)
-            # The script has started when it opens its log; then kill it a moment later.
-            log = _finetune_files(workdir, comment)[1]
-            while not log.exists() and _state(prefix, job_id) == "RUNNING":
-                time.sleep(0.2)
-            time.sleep(1)
+            # Kill it once it has saved resumable state, so that the retry must resume.
+            state = _finetune_files(workdir, comment)[2]
+            while not state.exists() and _state(prefix, job_id) == "RUNNING":
+                time.sleep(0.05)
             if _run(["scancel", job_id], timeout=30).returncode != 0:
                 continue  # it has just finished: take the next one
             for _ in range(60):
@@ -261,9 +261,12 @@ def test_a_cancelled_job_is_retried_and_nothing_is_lost(slurm_run):
     assert f"SLURM-job '{slurm_run['cancelled_id']}' failed" in slurm_run["output"]
     assert "CANCELLED" in slurm_run["output"]
     # The fine-tuning run that was killed has all its outputs.
-    run_dir = _finetune_files(slurm_run["workdir"], slurm_run["cancelled"])[0]
+    run_dir, log, state = _finetune_files(slurm_run["workdir"], slurm_run["cancelled"])
     for name in ("model.safetensors", "history.csv", "metrics.json", "config.json"):
         assert (run_dir / name).stat().st_size > 0, name
+    # The retry continued from the state the cancelled job had saved, then deleted it.
+    assert "resuming from" in log.read_text()
+    assert not state.exists()
 
 
 def _dry_run_resources(output):
