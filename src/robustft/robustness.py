@@ -1,0 +1,93 @@
+"""Effective robustness (Taori et al. 2020; Andreassen et al. 2022) and feature distortion
+(Kumar et al. 2022): small pure functions over accuracies and feature matrices.
+
+ER of a model = its OOD accuracy minus the OOD accuracy that the baseline line predicts from
+its ID accuracy, where the line is fitted in logit space over models trained on ID data only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# Accuracies of exactly 0 or 1 have infinite logits: clip them to this distance from the ends.
+LOGIT_EPSILON = 1e-4
+
+
+def logit(accuracy: float | np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(accuracy, dtype=np.float64), LOGIT_EPSILON, 1 - LOGIT_EPSILON)
+    return np.log(p / (1 - p))
+
+
+def sigmoid(value: float | np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-np.asarray(value, dtype=np.float64)))
+
+
+@dataclass(frozen=True)
+class BaselineLine:
+    """logit(OOD) = slope · logit(ID) + intercept, fitted over baseline models."""
+
+    slope: float
+    intercept: float
+    r_value: float = float("nan")
+    models: int = 0
+
+    def predict(self, id_accuracy: float | np.ndarray) -> np.ndarray:
+        """The OOD accuracy the line expects at this ID accuracy."""
+        return sigmoid(self.slope * logit(id_accuracy) + self.intercept)
+
+
+def fit_baseline(*, id_accuracy: Sequence[float], ood_accuracy: Sequence[float]) -> BaselineLine:
+    """Least-squares line in logit space (`scipy.stats.linregress`) over baseline models."""
+    from scipy.stats import linregress
+
+    x, y = logit(np.asarray(id_accuracy)), logit(np.asarray(ood_accuracy))
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"{x.shape} ID and {y.shape} OOD accuracies: need two equal 1-d lists")
+    if len(x) < 2 or np.ptp(x) == 0:
+        raise ValueError(
+            f"the baseline line needs at least two models with different ID accuracy, got {len(x)}"
+        )
+    fit = linregress(x, y)
+    return BaselineLine(
+        slope=float(fit.slope),
+        intercept=float(fit.intercept),
+        r_value=float(fit.rvalue),
+        models=len(x),
+    )
+
+
+def effective_robustness(
+    *, id_accuracy: float | np.ndarray, ood_accuracy: float | np.ndarray, line: BaselineLine
+) -> np.ndarray:
+    """OOD accuracy above (positive) or below (negative) the baseline line, as a fraction."""
+    return np.asarray(ood_accuracy, dtype=np.float64) - line.predict(id_accuracy)
+
+
+def linear_cka(first: np.ndarray, second: np.ndarray) -> float:
+    """Linear centred kernel alignment of two representations of the same examples (N × D).
+
+    1 for identical representations; invariant to rotations and isotropic scaling of either.
+    Computed from the D×D cross-covariances (Kornblith et al. 2019), cheap for N ≫ D.
+    """
+    if first.ndim != 2 or second.ndim != 2 or len(first) != len(second):
+        raise ValueError(
+            f"need two N×D matrices over the same N, got {first.shape}, {second.shape}"
+        )
+    x = first.astype(np.float64) - first.mean(axis=0)
+    y = second.astype(np.float64) - second.mean(axis=0)
+    cross = np.linalg.norm(y.T @ x, "fro") ** 2
+    norms = np.linalg.norm(x.T @ x, "fro") * np.linalg.norm(y.T @ y, "fro")
+    return float(cross / norms) if norms > 0 else float("nan")
+
+
+def relative_change(before: np.ndarray, after: np.ndarray) -> float:
+    """Mean over examples of ‖after − before‖ / ‖before‖: how far fine-tuning moved features."""
+    if before.shape != after.shape:
+        raise ValueError(f"feature shapes differ: {before.shape} vs {after.shape}")
+    before, after = before.astype(np.float64), after.astype(np.float64)
+    norms = np.linalg.norm(before, axis=1)
+    change = np.linalg.norm(after - before, axis=1)
+    return float(np.mean(change / np.maximum(norms, 1e-12)))
