@@ -24,6 +24,7 @@ import torch
 from robustft import __version__
 from robustft.data.datasets import ArrayImageDataset, train_transform
 from robustft.data.registry import ID_SPLITS, ImageArrays, load_split, split_column
+from robustft.evaluate import accuracy
 from robustft.features import extract_features, write_features
 from robustft.io import sha256_file, write_csv, write_json
 from robustft.models import (
@@ -214,6 +215,7 @@ def run_finetune(
     weight_decay: float,
     freeze_bn: bool,
     augment: bool,
+    save_epochs: Sequence[int] = (),
     probe_dir: str | Path | None = None,
     state_dir: str | Path | None = None,
     checkpoint_minutes: float = 5.0,
@@ -271,6 +273,7 @@ def run_finetune(
             "dataset": dataset,
             "settings": asdict(settings),
             "augment": augment,
+            "save_epochs": sorted(save_epochs),
             "backbone_sha256": backbone_meta["sha256"],
             "probe_head_sha256": (
                 sha256_file(Path(probe_dir) / "head.safetensors") if probe_dir else None
@@ -284,6 +287,14 @@ def run_finetune(
             ).hexdigest(),
             every_seconds=60.0 * checkpoint_minutes,
         )
+    out_dir = Path(out_dir)
+
+    def keep_checkpoint(epoch: int, trained: torch.nn.Module) -> None:
+        if epoch in save_epochs:
+            save_model(trained, out_dir / "checkpoints" / f"epoch{epoch}.safetensors")
+
+    if 0 in save_epochs:
+        keep_checkpoint(0, model)
     result = train_classifier(
         model=model,
         train_set=_dataset(splits["train"]),
@@ -294,8 +305,8 @@ def run_finetune(
         progress=progress,
         batch_transform=train_transform(augment=augment),
         checkpointing=checkpointing,
+        on_epoch_end=keep_checkpoint,
     )
-    out_dir = Path(out_dir)
     model.load_state_dict(result.best_state)
     save_model(model, out_dir / "model.safetensors")
     write_csv(out_dir / "history.csv", result.history)
@@ -327,3 +338,153 @@ def run_finetune(
     if checkpointing is not None:
         checkpointing.discard()
     return metrics
+
+
+def train_baseline(
+    *,
+    dataset: str,
+    data_root: str | Path,
+    out_dir: str | Path,
+    ood_splits: Sequence[str],
+    architecture: str,
+    width: int,
+    epochs: int,
+    fraction: float,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    augment: bool,
+    seed: int,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """A model trained from scratch on (a fraction of) the ID training data only.
+
+    Such models define the baseline line of effective robustness. The best epoch by ID val
+    is kept; ID test and the OOD splits are evaluated on it once, at the end.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    splits = {
+        split: load_split(dataset=dataset, split=split, root=data_root)
+        for split in (*ID_SPLITS, *ood_splits)
+    }
+    train = splits["train"]
+    keep = np.sort(
+        np.random.default_rng(seed).permutation(len(train.labels))[
+            : max(batch_size, round(fraction * len(train.labels)))
+        ]
+    )
+    images = train.images[keep].astype(np.float32) / 255.0
+    # From scratch, so the model's normalisation is that of its own training data.
+    preprocess = Preprocess(
+        input_size=int(train.images.shape[1]),
+        mean=tuple(float(x) for x in images.mean(axis=(0, 1, 2))),
+        std=tuple(float(x) for x in images.std(axis=(0, 1, 2))),
+    )
+    del images
+    torch.manual_seed(seed)
+    backbone = build_backbone(architecture=architecture, kwargs={"width": width})
+    model = ImageClassifier(
+        backbone=backbone, num_classes=len(train.class_names), preprocess=preprocess
+    )
+    settings = TrainSettings(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        momentum=0.9,
+        weight_decay=weight_decay,
+        seed=seed,
+    )
+    result = train_classifier(
+        model=model,
+        train_set=ArrayImageDataset(train.images[keep], train.labels[keep]),
+        eval_sets={"id_val": _dataset(splits["val"])},
+        settings=settings,
+        select_on="id_val",
+        device=device,
+        progress=progress,
+        batch_transform=train_transform(augment=augment),
+    )
+    model.load_state_dict(result.best_state)
+    scores = {
+        split_column(split): accuracy(model, _dataset(arrays), device=device)
+        for split, arrays in splits.items()
+        if split not in ("train", "val")
+    }
+    out_dir = Path(out_dir)
+    write_csv(out_dir / "history.csv", result.history)
+    metrics = {
+        "dataset": dataset,
+        "architecture": architecture,
+        "width": width,
+        "epochs": epochs,
+        "fraction": fraction,
+        "train_images": len(keep),
+        "seed": seed,
+        "best_epoch": result.best_epoch,
+        "id_val": result.history[result.best_epoch]["id_val"],
+        **scores,
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def feature_distortion(
+    *,
+    dataset: str,
+    data_root: str | Path,
+    model_dir: str | Path,
+    pretrained_features: Mapping[str, str | Path],
+    runs: Sequence[Mapping[str, Any]],
+    batch_size: int = 256,
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """How far fine-tuning moved the penultimate features, per run and split.
+
+    `pretrained_features` maps a split to the pretrained backbone's feature file (from the
+    features rule, same images in the same order); `runs` are dicts with `method`, `seed`,
+    `lr` and `path` (a run's metrics.json, beside its model.safetensors). Returns rows with
+    the mean relative L2 change and the linear CKA between pretrained and fine-tuned features.
+    """
+    from safetensors.torch import load_file
+
+    from robustft.features import read_features
+    from robustft.models import load_state
+    from robustft.robustness import linear_cka, relative_change
+
+    before = {split: read_features(path) for split, path in pretrained_features.items()}
+    splits = {split: load_split(dataset=dataset, split=split, root=data_root) for split in before}
+    rows = []
+    for run in runs:
+        weights = Path(run["path"]).parent / "model.safetensors"
+        backbone, preprocess, _ = load_backbone(model_dir)
+        model = ImageClassifier(
+            backbone=backbone,
+            num_classes=len(next(iter(splits.values())).class_names),
+            preprocess=preprocess,
+        )
+        if not weights.exists():
+            raise FileNotFoundError(f"{weights}: fine-tuned model missing")
+        load_state(model, load_file(str(weights)), source=weights)
+        for split, arrays in splits.items():
+            after, _ = extract_features(
+                model, _dataset(arrays), batch_size=batch_size, device=device, progress=progress
+            )
+            if after.shape != before[split].features.shape:
+                raise ValueError(
+                    f"{pretrained_features[split]}: {before[split].features.shape} features, but "
+                    f"the model gives {after.shape} on split {split!r}"
+                )
+            rows.append(
+                {
+                    "method": run["method"],
+                    "lr": run["lr"],
+                    "seed": run["seed"],
+                    "split": split_column(split),
+                    "relative_change": relative_change(before[split].features, after),
+                    "cka": linear_cka(before[split].features, after),
+                }
+            )
+    return rows

@@ -108,6 +108,7 @@ def train_classifier(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     batch_transform: BatchTransform = to_float,
     checkpointing: Checkpointing | None = None,
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainResult:
     """SGD with momentum and a per-step cosine schedule; evaluates every split each epoch.
 
@@ -116,6 +117,7 @@ def train_classifier(
     `batch_transform` (augmentation) is applied to each training batch on the device.
     With `checkpointing`, state is saved after every epoch, every `every_seconds` and when
     SIGTERM arrives (then `StopRequested` is raised); a call that finds matching state resumes.
+    `on_epoch_end(epoch, model)` runs after each epoch's evaluation (to keep checkpoints).
     """
     if select_on not in eval_sets:
         raise ValueError(f"select_on={select_on!r} is not one of the eval sets {list(eval_sets)}")
@@ -259,6 +261,8 @@ def train_classifier(
                 if row[select_on] > run.best_score:
                     run.best_epoch, run.best_score = run.epoch, row[select_on]
                     run.best_state = copy.deepcopy(model.state_dict())
+            if on_epoch_end is not None:
+                on_epoch_end(run.epoch, model)
             run.epoch, run.step, run.seconds = run.epoch + 1, 0, 0.0
             save()
             last_save = time.monotonic()

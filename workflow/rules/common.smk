@@ -156,13 +156,105 @@ def get_threads(stage):
     return config["resources"][stage]["threads"]
 
 
+def baseline_name(model):
+    fraction = format_hparam(model["fraction"])
+    return f"w{model['width']}-e{model['epochs']}-f{fraction}"
+
+
+def get_baseline_models(dataset):
+    """{name: settings} of the baseline models of a dataset; none with a published line."""
+    if dataset in config["baseline"]["lines"]:
+        return {}
+    return {baseline_name(model): model for model in config["baseline"]["models"]}
+
+
+def get_baseline_settings(name):
+    shared = {key: value for key, value in config["baseline"].items()}
+    for key in ("models", "lines"):
+        shared.pop(key)
+    model = next(
+        model for model in config["baseline"]["models"] if baseline_name(model) == name
+    )
+    return {**shared, **model}
+
+
+def get_er_inputs(wildcards):
+    """What the ER table of a dataset is made of: baseline models, probes, selections."""
+    dataset = wildcards.dataset
+    table = get_table_inputs(wildcards)
+    return {
+        "baseline": expand(
+            "results/baseline/{dataset}/{model}/metrics.json",
+            dataset=dataset,
+            model=list(get_baseline_models(dataset)),
+        ),
+        "probes": {
+            key.split("/", 1)[1]: files
+            for key, files in table.items()
+            if key.startswith("lp/")
+        },
+        "selections": {
+            key: file for key, file in table.items() if not key.startswith("lp/")
+        },
+    }
+
+
+def get_er_files(wildcards):
+    inputs = get_er_inputs(wildcards)
+    files = list(inputs["baseline"]) + list(inputs["selections"].values())
+    for probe_files in inputs["probes"].values():
+        files += probe_files
+    return files
+
+
+def get_distortion_splits(dataset):
+    """ID train and test, and every OOD split (ID val adds nothing)."""
+    return [split for split in get_splits(dataset) if split != "val"]
+
+
+def get_distortion_plan(wildcards):
+    """Per backbone: its folder, its pretrained features per split, the selected runs."""
+    dataset = wildcards.dataset
+    return {
+        backbone: {
+            "model_dir": f"resources/models/{backbone}",
+            "features": {
+                split: f"results/features/{backbone}/{dataset}/{split}.h5"
+                for split in get_distortion_splits(dataset)
+            },
+            "selections": {
+                method: f"results/selected/{method}/{backbone}/{dataset}.json"
+                for method in FINETUNE_METHODS
+            },
+        }
+        for backbone in config["backbones"]
+    }
+
+
+def get_distortion_inputs(wildcards):
+    files = list(get_dataset_files(wildcards).values())
+    for plan in get_distortion_plan(wildcards).values():
+        files.append(f"{plan['model_dir']}/model.safetensors")
+        files += list(plan["features"].values()) + list(plan["selections"].values())
+    return files
+
+
 def get_final_outputs():
-    return [
+    outputs = [
         *expand("results/tables/{dataset}.md", dataset=config["datasets"]),
         "results/tables/summary.md",
         "results/tables/summary.csv",
         "results/plots/id_vs_ood.png",
     ]
+    if config["analysis"]["effective_robustness"]:
+        outputs += expand(
+            "results/analysis/er/{dataset}.csv", dataset=config["datasets"]
+        )
+    if config["analysis"]["feature_distortion"] and FINETUNE_METHODS:
+        outputs += expand(
+            "results/analysis/distortion/{dataset}.csv", dataset=config["datasets"]
+        )
+    return outputs
 
 
 wildcard_constraints:
@@ -170,6 +262,9 @@ wildcard_constraints:
     backbone=_alternatives(config["backbones"]),
     method=_alternatives(FINETUNE_METHODS),
     seed=r"\d+",
+    baseline=_alternatives(
+        sorted({name for d in config["datasets"] for name in get_baseline_models(d)})
+    ),
     lr=r"[0-9][0-9.e+-]*",
     split=_alternatives(
         sorted(

@@ -12,7 +12,12 @@ rule aggregate_tables:
     input:
         get_table_files,
     output:
-        csv="results/tables/{dataset}.csv",
+        csv=report(
+            "results/tables/{dataset}.csv",
+            caption="../report/dataset_table.rst",
+            category="{dataset}",
+            subcategory="Accuracy",
+        ),
         md="results/tables/{dataset}.md",
     log:
         f"{LOGS}/aggregate_tables/{{dataset}}.log",
@@ -29,7 +34,11 @@ rule summary_table:
     input:
         expand("results/tables/{dataset}.csv", dataset=config["datasets"]),
     output:
-        csv="results/tables/summary.csv",
+        csv=report(
+            "results/tables/summary.csv",
+            caption="../report/summary_table.rst",
+            category="Summary",
+        ),
         md="results/tables/summary.md",
     log:
         f"{LOGS}/summary_table.log",
@@ -46,7 +55,7 @@ rule plot_id_vs_ood:
         report(
             "results/plots/id_vs_ood.png",
             caption="../report/id_vs_ood.rst",
-            category="Accuracy",
+            category="Summary",
         ),
     log:
         f"{LOGS}/plot_id_vs_ood.log",

@@ -1,0 +1,290 @@
+"""Tables and plots of effective robustness along fine-tuning and of feature distortion.
+
+Reads what the workflow wrote (baseline metrics, probe metrics, run selections and their
+histories); needs no torch, so these jobs start fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from robustft.io import atomic_path, read_json, write_json
+from robustft.robustness import BaselineLine, effective_robustness, fit_baseline
+
+MEAN = "mean"  # the line and ER of the mean over OOD splits
+
+
+def _accuracies(source: Mapping[str, Any], ood_splits: Sequence[str], *, where: str) -> dict:
+    columns = ["id_test", *(f"ood_{split}" for split in ood_splits)]
+    missing = [column for column in columns if column not in source]
+    if missing:
+        raise ValueError(f"{where}: no {missing}")
+    row = {"id": float(source["id_test"])}
+    row.update({f"ood_{split}": float(source[f"ood_{split}"]) for split in ood_splits})
+    row["ood"] = float(np.mean([row[f"ood_{split}"] for split in ood_splits]))
+    return row
+
+
+def baseline_lines(
+    *,
+    baseline: pd.DataFrame | None,
+    ood_splits: Sequence[str],
+    published: Mapping[str, float] | None = None,
+) -> dict[str, BaselineLine]:
+    """One line per OOD split and one for the mean: fitted over the baseline models, or the
+    published `{slope, intercept}` for every split when given."""
+    keys = [*ood_splits, MEAN]
+    if published:
+        line = BaselineLine(
+            slope=float(published["slope"]), intercept=float(published["intercept"])
+        )
+        return dict.fromkeys(keys, line)
+    if baseline is None or baseline.empty:
+        raise ValueError("no baseline models and no published line: cannot compute ER")
+    return {
+        key: fit_baseline(
+            id_accuracy=baseline["id"].to_numpy(),
+            ood_accuracy=baseline["ood" if key == MEAN else f"ood_{key}"].to_numpy(),
+        )
+        for key in keys
+    }
+
+
+def effective_robustness_table(
+    *,
+    dataset: str,
+    ood_splits: Sequence[str],
+    baseline_files: Sequence[str | Path],
+    probe_files: Mapping[str, Sequence[str | Path]],
+    selection_files: Mapping[str, str | Path],
+    published_line: Mapping[str, float] | None = None,
+) -> tuple[pd.DataFrame, dict[str, BaselineLine]]:
+    """ER of every baseline model, probe and fine-tuning epoch (the selected lr, every seed).
+
+    `probe_files` maps a backbone to its probes' metrics files; `selection_files` maps
+    "method/backbone" to a `select_run` file, whose runs' history.csv give one row per epoch.
+    ID accuracy is ID test accuracy; `er_pts*` columns are in accuracy points.
+    """
+    rows: list[dict[str, Any]] = []
+    for path in baseline_files:
+        metrics = read_json(path)
+        rows.append(
+            {
+                "method": "baseline",
+                "backbone": "",
+                "model": Path(path).parent.name,
+                "seed": metrics.get("seed"),
+                "epoch": metrics.get("best_epoch"),
+                **_accuracies(metrics, ood_splits, where=str(path)),
+            }
+        )
+    for backbone, files in probe_files.items():
+        for path in files:
+            metrics = read_json(path)
+            rows.append(
+                {
+                    "method": "lp",
+                    "backbone": backbone,
+                    "model": "probe",
+                    "seed": int(Path(path).parent.name.removeprefix("seed")),
+                    "epoch": np.nan,
+                    **_accuracies(metrics, ood_splits, where=str(path)),
+                }
+            )
+    for key, selection_file in selection_files.items():
+        method, backbone = key.split("/", 1)
+        selection = read_json(selection_file)
+        for run in selection["runs"]:
+            history_path = Path(run["path"]).parent / "history.csv"
+            history = pd.read_csv(history_path)
+            for record in history.to_dict("records"):
+                rows.append(
+                    {
+                        "method": method,
+                        "backbone": backbone,
+                        "model": f"lr{selection['lr']:g}",
+                        "seed": run["seed"],
+                        "epoch": int(record["epoch"]),
+                        **_accuracies(record, ood_splits, where=str(history_path)),
+                    }
+                )
+    table = pd.DataFrame(rows)
+    baseline = table[table["method"] == "baseline"]
+    lines = baseline_lines(baseline=baseline, ood_splits=ood_splits, published=published_line)
+    for split in ood_splits:
+        table[f"er_pts_{split}"] = 100 * effective_robustness(
+            id_accuracy=table["id"].to_numpy(),
+            ood_accuracy=table[f"ood_{split}"].to_numpy(),
+            line=lines[split],
+        )
+    table["er_pts"] = 100 * effective_robustness(
+        id_accuracy=table["id"].to_numpy(), ood_accuracy=table["ood"].to_numpy(), line=lines[MEAN]
+    )
+    table.insert(0, "dataset", dataset)
+    return table, lines
+
+
+def write_effective_robustness(
+    *,
+    table: pd.DataFrame,
+    lines: Mapping[str, BaselineLine],
+    csv_path: str | Path,
+    line_path: str | Path,
+    er_plot: str | Path,
+    scatter_plot: str | Path,
+) -> None:
+    with atomic_path(csv_path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    write_json(line_path, {key: asdict(line) for key, line in lines.items()})
+    plot_er_along_training(table, out_path=er_plot)
+    plot_logit_id_vs_ood(table, line=lines[MEAN], out_path=scatter_plot)
+
+
+def _training_curves(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Mean over seeds per epoch, for each fine-tuning method (and backbone)."""
+    runs = table[~table["method"].isin(["baseline", "lp"])]
+    curves = {}
+    for (method, backbone), group in runs.groupby(["method", "backbone"], sort=False):
+        label = method if runs["backbone"].nunique() == 1 else f"{method} ({backbone})"
+        curves[label] = group.groupby("epoch")[["id", "ood", "er_pts"]].mean().reset_index()
+    return curves
+
+
+def _save(fig: Any, out_path: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def plot_er_along_training(table: pd.DataFrame, *, out_path: str | Path) -> None:
+    """ER (points) against ID accuracy, one curve per method from epoch 0 to the last."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.axhline(0, color="0.5", linewidth=0.8, linestyle="--", label="baseline line (ER = 0)")
+    for label, curve in _training_curves(table).items():
+        (drawn,) = ax.plot(
+            100 * curve["id"], curve["er_pts"], marker="o", markersize=3, label=label
+        )
+        for index in (0, len(curve) - 1):
+            ax.annotate(
+                f"ep {int(curve['epoch'].iloc[index])}",
+                (100 * curve["id"].iloc[index], curve["er_pts"].iloc[index]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+                color=drawn.get_color(),
+            )
+    probes = table[table["method"] == "lp"]
+    if not probes.empty:
+        ax.scatter(
+            100 * probes["id"].mean(), probes["er_pts"].mean(), marker="*", s=120, label="lp"
+        )
+    ax.set_xlabel("ID test accuracy (%)")
+    ax.set_ylabel("effective robustness (points, mean OOD)")
+    ax.set_title(f"{table['dataset'].iloc[0]}: ER along fine-tuning (mean over seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, out_path)
+
+
+def plot_logit_id_vs_ood(table: pd.DataFrame, *, line: BaselineLine, out_path: str | Path) -> None:
+    """ID vs mean OOD accuracy on logit axes: baseline models, the fitted line, the probe and
+    the fine-tuning trajectories."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = plt.subplots(figsize=(6, 4.8))
+    ax.set_xscale("logit")
+    ax.set_yscale("logit")
+    clip = (0.005, 0.995)
+    baseline = table[table["method"] == "baseline"]
+    if not baseline.empty:
+        ax.scatter(
+            baseline["id"].clip(*clip),
+            baseline["ood"].clip(*clip),
+            color="0.45",
+            s=18,
+            label="baseline models (ID data only)",
+        )
+    low = min(table["id"].min(), 0.1)
+    high = max(table["id"].max(), 0.9)
+    xs = np.linspace(max(low * 0.8, clip[0]), min(1 - (1 - high) * 0.5, clip[1]), 200)
+    ax.plot(
+        xs,
+        line.predict(xs),
+        color="0.3",
+        linestyle="--",
+        label=f"fit: logit(OOD) = {line.slope:.2f}·logit(ID) {line.intercept:+.2f}",
+    )
+    for label, curve in _training_curves(table).items():
+        ax.plot(
+            curve["id"].clip(*clip), curve["ood"].clip(*clip), marker="o", markersize=3, label=label
+        )
+    probes = table[table["method"] == "lp"]
+    if not probes.empty:
+        ax.scatter(
+            probes["id"].mean(), probes["ood"].mean(), marker="*", s=120, label="lp", zorder=3
+        )
+    percent = FuncFormatter(lambda value, _: f"{100 * value:g}%")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(percent)
+        axis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
+    ax.set_xlabel("ID test accuracy (logit axis)")
+    ax.set_ylabel("OOD accuracy, mean of splits (logit axis)")
+    ax.set_title(f"{table['dataset'].iloc[0]}: ID vs OOD")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3, which="major")
+    fig.tight_layout()
+    _save(fig, out_path)
+
+
+def write_distortion(
+    *, rows: Sequence[Mapping[str, Any]], csv_path: str | Path, plot_path: str | Path
+) -> pd.DataFrame:
+    """The per-run, per-split distortion table, and a bar plot of its means over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = pd.DataFrame(rows)
+    if table.empty:
+        raise ValueError("no fine-tuning runs to measure distortion on")
+    with atomic_path(csv_path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    means = table.groupby(["method", "split"], sort=False)[["relative_change", "cka"]].mean()
+    splits = list(dict.fromkeys(table["split"]))
+    methods = list(dict.fromkeys(table["method"]))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    width = 0.8 / len(methods)
+    for axis, column, title in (
+        (axes[0], "relative_change", "mean ‖f − f₀‖ / ‖f₀‖ (higher: more distorted)"),
+        (axes[1], "cka", "linear CKA with pretrained features (lower: more distorted)"),
+    ):
+        for index, method in enumerate(methods):
+            values = [means.loc[(method, split), column] for split in splits]
+            axis.bar(np.arange(len(splits)) + index * width, values, width, label=method)
+        axis.set_xticks(np.arange(len(splits)) + width * (len(methods) - 1) / 2, splits)
+        axis.set_title(title, fontsize=9)
+        axis.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{table['dataset'].iloc[0]}: feature distortion by fine-tuning (mean over seeds)")
+    fig.tight_layout()
+    _save(fig, plot_path)
+    return table

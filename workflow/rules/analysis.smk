@@ -1,0 +1,103 @@
+# Effective robustness along fine-tuning (against from-scratch baseline models) and feature
+# distortion of the selected runs.
+
+
+localrules:
+    effective_robustness,
+
+
+rule train_baseline:
+    input:
+        unpack(get_dataset_files),
+    output:
+        metrics="results/baseline/{dataset}/{baseline}/metrics.json",
+        history="results/baseline/{dataset}/{baseline}/history.csv",
+    log:
+        f"{LOGS}/train_baseline/{{dataset}}/{{baseline}}.log",
+    benchmark:
+        f"{BENCHMARKS}/train_baseline/{{dataset}}/{{baseline}}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: get_threads("finetune")
+    resources:
+        **get_stage_resources("finetune"),
+    params:
+        settings=lambda wildcards: get_baseline_settings(wildcards.baseline),
+        ood_splits=lambda wildcards: get_ood_splits(wildcards.dataset),
+        data_root=get_data_root,
+        device=config["device"],
+        progress=config["progress"],
+    script:
+        "../scripts/train_baseline.py"
+
+
+rule effective_robustness:
+    input:
+        get_er_files,
+    output:
+        csv=report(
+            "results/analysis/er/{dataset}.csv",
+            caption="../report/er_table.rst",
+            category="{dataset}",
+            subcategory="Effective robustness",
+        ),
+        line="results/analysis/er/{dataset}_line.json",
+        er_plot=report(
+            "results/plots/er_{dataset}.png",
+            caption="../report/er_along_training.rst",
+            category="{dataset}",
+            subcategory="Effective robustness",
+        ),
+        scatter=report(
+            "results/plots/id_vs_ood_logit_{dataset}.png",
+            caption="../report/id_vs_ood_logit.rst",
+            category="{dataset}",
+            subcategory="Effective robustness",
+        ),
+    log:
+        f"{LOGS}/effective_robustness/{{dataset}}.log",
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        inputs=get_er_inputs,
+        ood_splits=lambda wildcards: get_ood_splits(wildcards.dataset),
+        published_line=lambda wildcards: config["baseline"]["lines"].get(
+            wildcards.dataset
+        ),
+    script:
+        "../scripts/effective_robustness.py"
+
+
+rule feature_distortion:
+    input:
+        get_distortion_inputs,
+    output:
+        csv=report(
+            "results/analysis/distortion/{dataset}.csv",
+            caption="../report/distortion_table.rst",
+            category="{dataset}",
+            subcategory="Feature distortion",
+        ),
+        plot=report(
+            "results/plots/distortion_{dataset}.png",
+            caption="../report/distortion.rst",
+            category="{dataset}",
+            subcategory="Feature distortion",
+        ),
+    log:
+        f"{LOGS}/feature_distortion/{{dataset}}.log",
+    benchmark:
+        f"{BENCHMARKS}/feature_distortion/{{dataset}}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: get_threads("features")
+    resources:
+        **get_stage_resources("features"),
+    params:
+        plan=get_distortion_plan,
+        data_root=get_data_root,
+        batch_size=config["features"]["batch_size"],
+        device=config["device"],
+        progress=config["progress"],
+    script:
+        "../scripts/feature_distortion.py"

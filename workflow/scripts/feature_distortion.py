@@ -1,0 +1,26 @@
+from robustft.analysis import write_distortion
+from robustft.io import read_json
+from robustft.runtime import job, resolve_device
+from robustft.stages import feature_distortion
+
+with job(log_path=snakemake.log[0], threads=snakemake.threads):
+    dataset = snakemake.wildcards.dataset
+    rows = []
+    for backbone, plan in snakemake.params.plan.items():
+        runs = [
+            {**run, "method": method}
+            for method, path in plan["selections"].items()
+            for run in read_json(path)["runs"]
+        ]
+        for row in feature_distortion(
+            dataset=dataset,
+            data_root=snakemake.params.data_root,
+            model_dir=plan["model_dir"],
+            pretrained_features=plan["features"],
+            runs=runs,
+            batch_size=snakemake.params.batch_size,
+            device=resolve_device(snakemake.params.device),
+            progress=snakemake.params.progress,
+        ):
+            rows.append({"dataset": dataset, "backbone": backbone, **row})
+    write_distortion(rows=rows, csv_path=snakemake.output.csv, plot_path=snakemake.output.plot)

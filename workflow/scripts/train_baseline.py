@@ -1,0 +1,15 @@
+from pathlib import Path
+
+from robustft.runtime import job, resolve_device
+from robustft.stages import train_baseline
+
+with job(log_path=snakemake.log[0], threads=snakemake.threads):
+    train_baseline(
+        dataset=snakemake.wildcards.dataset,
+        data_root=snakemake.params.data_root,
+        out_dir=Path(snakemake.output.metrics).parent,
+        ood_splits=snakemake.params.ood_splits,
+        device=resolve_device(snakemake.params.device),
+        progress=snakemake.params.progress,
+        **snakemake.params.settings,
+    )
