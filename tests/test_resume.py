@@ -153,7 +153,7 @@ DRIVER = textwrap.dedent(
             model_dir=f"{root}/backbone", out_dir=f"{root}/out", state_dir=f"{root}/state",
             checkpoint_minutes=0.0, ood_splits=["real"], lr=0.05, seed=1, epochs=3,
             batch_size=8, momentum=0.9, weight_decay=0.0, freeze_bn=True, augment=True,
-            progress=False,
+            save_epochs=[0, 2], progress=False,
         )
     """
 )
@@ -207,6 +207,7 @@ def finished_outputs(workdir):
         "history": without_seconds(history.to_dict("records")),
         "metrics": json.loads((out / "metrics.json").read_text()),
         "weights": load_file(str(out / "model.safetensors")),
+        "kept": {path.name: load_file(str(path)) for path in sorted(out.glob("checkpoints/*"))},
     }
 
 
@@ -255,4 +256,7 @@ def test_a_job_killed_at_a_random_step_reruns_to_the_same_result(
     assert result["history"] == reference["history"], context
     assert result["metrics"] == reference["metrics"], context
     assert_same_tensors(result["weights"], reference["weights"])
+    assert sorted(result["kept"]) == ["epoch0.safetensors", "epoch2.safetensors"]
+    for name, weights in reference["kept"].items():
+        assert_same_tensors(result["kept"][name], weights)
     assert not (tmp_path / "state").exists()

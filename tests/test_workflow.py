@@ -1,5 +1,6 @@
 """The workflow as a user runs it: dry runs, a tiny end-to-end run, caching and config errors."""
 
+import json
 import re
 import subprocess
 import sys
@@ -45,6 +46,8 @@ def test_dry_run_of_the_default_config_plans_the_whole_dag(tmp_path):
     assert jobs["extract_features"] == 6  # train, val, test + 3 OOD domains
     assert jobs["fit_probe"] == 3
     assert jobs["pretrain_backbone"] == 1 and jobs["generate_toyshift"] == 1
+    assert jobs["train_baseline"] == 6
+    assert jobs["effective_robustness"] == jobs["feature_distortion"] == 1
     assert not (tmp_path / "results").exists()
 
 
@@ -95,8 +98,6 @@ def test_run_folders_hold_history_metrics_model_and_config(tiny_run):
 
 def test_lpft_starts_from_the_probe(tiny_run):
     """Epoch 0 of LP-FT is the probe itself: same ID val and OOD accuracy."""
-    import json
-
     probe = json.loads(
         (tiny_run / "results/probe/toyresnet/toyshift/seed0/metrics.json").read_text()
     )
@@ -105,6 +106,58 @@ def test_lpft_starts_from_the_probe(tiny_run):
     )
     for column in ("id_val", "id_test", "ood_real", "ood_clipart", "ood_painting"):
         assert history.loc[0, column] == pytest.approx(probe[column], abs=1e-9), column
+
+
+def test_effective_robustness_table_has_every_epoch_and_the_baseline(tiny_run):
+    table = pd.read_csv(tiny_run / "results/analysis/er/toyshift.csv")
+    assert set(table["method"]) == {"baseline", "lp", "ft", "lpft"}
+    assert (table["method"] == "baseline").sum() == 3  # the tiny config's baseline models
+    # Selected runs: 2 seeds × epochs 0, 1, 2 for each fine-tuning method.
+    for method in ("ft", "lpft"):
+        rows = table[table["method"] == method]
+        assert sorted(rows["epoch"]) == [0, 0, 1, 1, 2, 2]
+    for column in ("er_pts", "er_pts_real", "er_pts_clipart", "er_pts_painting"):
+        assert table[column].notna().all()
+    # The baseline models sit around their own fitted line: their ER averages to zero.
+    baseline = table[table["method"] == "baseline"]
+    assert abs(baseline["er_pts"].mean()) < 1e-6
+    line = json.loads((tiny_run / "results/analysis/er/toyshift_line.json").read_text())
+    assert set(line) == {"real", "clipart", "painting", "mean"}
+    for name in ("er_toyshift.png", "id_vs_ood_logit_toyshift.png", "distortion_toyshift.png"):
+        assert (tiny_run / "results/plots" / name).stat().st_size > 1000, name
+
+
+def test_feature_distortion_covers_every_selected_run_and_split(tiny_run):
+    table = pd.read_csv(tiny_run / "results/analysis/distortion/toyshift.csv")
+    assert set(table["method"]) == {"ft", "lpft"}
+    assert set(table["split"]) == {"id_train", "id_test", "ood_real", "ood_clipart", "ood_painting"}
+    assert len(table) == 2 * 2 * 5  # methods × seeds × splits
+    assert ((table["cka"] > 0) & (table["cka"] <= 1 + 1e-9)).all()
+    assert (table["relative_change"] >= 0).all()
+    # A run whose best epoch is 0 is the pretrained backbone: no distortion at all.
+    for method in ("ft", "lpft"):
+        selection = json.loads(
+            (tiny_run / f"results/selected/{method}/toyresnet/toyshift.json").read_text()
+        )
+        for run in selection["runs"]:
+            if run["best_epoch"] == 0:
+                rows = table[(table["method"] == method) & (table["seed"] == run["seed"])]
+                assert (rows["relative_change"] == 0).all() and (rows["cka"] == 1).all()
+
+
+def test_the_report_holds_every_plot_and_table(tiny_run):
+    report = tiny_run / "results" / "report.html"
+    snakemake("--configfile", str(TINY), "--report", str(report), cwd=tiny_run)
+    html = report.read_text()
+    for name in (
+        "id_vs_ood.png",
+        "er_toyshift.png",
+        "id_vs_ood_logit_toyshift.png",
+        "distortion_toyshift.png",
+        "summary.csv",
+        "toyshift.csv",
+    ):
+        assert name in html, name
 
 
 def test_second_run_has_nothing_to_do(tiny_run):
@@ -118,7 +171,15 @@ def test_changing_a_finetuning_key_reruns_only_finetuning_and_what_follows(tiny_
     )
     jobs = planned_jobs(result.stdout)
     assert jobs.pop("finetune") == 2 * 2 + 1 * 2  # ft: 2 lrs × 2 seeds; lpft: 1 lr × 2 seeds
-    assert set(jobs) == {"select_run", "aggregate_tables", "summary_table", "plot_id_vs_ood", "all"}
+    assert set(jobs) == {
+        "select_run",
+        "aggregate_tables",
+        "summary_table",
+        "plot_id_vs_ood",
+        "effective_robustness",
+        "feature_distortion",
+        "all",
+    }
 
 
 def test_a_target_file_reruns_one_dataset(tiny_run):
