@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import nn
@@ -27,8 +29,26 @@ def predict_logits(
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
-def accuracy(
-    model: nn.Module, dataset: Dataset, *, batch_size: int = 512, device: str = "cpu"
+def subset_accuracy(
+    logits: np.ndarray, labels: np.ndarray, class_subset: Sequence[int] | None = None
 ) -> float:
+    """Accuracy of argmax over `class_subset` only (ImageNet-R/A: their 200 classes)."""
+    if class_subset is None:
+        return float((logits.argmax(axis=1) == labels).mean())
+    subset = np.asarray(class_subset, dtype=np.int64)
+    return float((subset[logits[:, subset].argmax(axis=1)] == labels).mean())
+
+
+def accuracy(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 512,
+    device: str = "cpu",
+    class_subset: Sequence[int] | None = None,
+) -> float:
+    """Accuracy; `class_subset` defaults to the dataset's own (`as_torch_dataset` sets it)."""
     logits, labels = predict_logits(model, dataset, batch_size=batch_size, device=device)
-    return float((logits.argmax(axis=1) == labels).mean())
+    if class_subset is None:
+        class_subset = getattr(dataset, "class_subset", None)
+    return subset_accuracy(logits, labels, class_subset)

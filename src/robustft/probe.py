@@ -122,6 +122,16 @@ def _full_head(
     return weight, bias
 
 
+def _accuracy(result: ProbeResult, data: Any) -> float:
+    """Argmax over the split's `class_subset` attribute when its feature file has one."""
+    subset = data.attrs.get("class_subset")
+    if subset is None or len(subset) == 0:
+        return float((result.predict(data.features) == data.labels).mean())
+    subset = np.asarray(subset, dtype=np.int64)
+    predicted = subset[result.logits(data.features)[:, subset].argmax(axis=1)]
+    return float((predicted == data.labels).mean())
+
+
 def run_probe(
     *,
     feature_files: Mapping[str, str | Path],
@@ -153,7 +163,7 @@ def run_probe(
         progress=progress,
     )
     accuracies = {
-        split_column(split): float((result.predict(data.features) == data.labels).mean())
+        split_column(split): _accuracy(result, data)
         for split, data in sets.items()
         if split != "train"
     }

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from robustft import __version__
-from robustft.data.datasets import ArrayImageDataset
+from robustft.data.datasets import ArrayImageDataset, as_torch_dataset
 from robustft.data.registry import ID_SPLITS, ImageArrays, load_split, split_column
 from robustft.features import extract_features, write_features
 from robustft.io import write_csv, write_json
@@ -143,27 +143,36 @@ def extract_split(
     *,
     dataset: str,
     split: str,
-    data_root: str | Path,
+    data_root: str | Path | Mapping[str, str | Path],
     model_dir: str | Path,
     out_path: str | Path,
     backbone_name: str,
     batch_size: int = 256,
     device: str = "cpu",
     progress: bool = True,
+    data_options: Mapping[str, Any] | None = None,
+    num_workers: int = 0,
 ) -> None:
-    """Frozen, eval-mode penultimate features of one split into an HDF5 file."""
-    arrays = load_split(dataset=dataset, split=split, root=data_root)
+    """Frozen, eval-mode penultimate features of one split into an HDF5 file.
+
+    `data_root`: the toyshift folder or {source: folder}; `data_options`:
+    `registry.dataset_options` (eval transform, val carving, imagefolder layout).
+    """
+    arrays = load_split(dataset=dataset, split=split, root=data_root, options=data_options)
     backbone, preprocess, meta = load_backbone(model_dir)
     model = ImageClassifier(
         backbone=backbone, num_classes=len(arrays.class_names), preprocess=preprocess
     )
+    transform = (data_options or {}).get("eval_transform", "resize")
     features, labels = extract_features(
         model,
-        _dataset(arrays),
+        as_torch_dataset(arrays, preprocess=preprocess, transform=transform),
         batch_size=batch_size,
         device=device,
+        num_workers=num_workers,
         progress=progress,
     )
+    subset = {} if arrays.class_subset is None else {"class_subset": list(arrays.class_subset)}
     write_features(
         out_path,
         features=features,
@@ -174,8 +183,9 @@ def extract_split(
             "dataset": dataset,
             "split": split,
             "num_classes": len(arrays.class_names),
-            "preprocessing": f"to float in [0,1]; normalise mean={list(preprocess.mean)} "
-            f"std={list(preprocess.std)}; no augmentation",
+            "preprocessing": f"{transform} to {preprocess.input_size}; to float in [0,1]; "
+            f"normalise mean={list(preprocess.mean)} std={list(preprocess.std)}; no augmentation",
+            **subset,
         },
     )
 
@@ -194,7 +204,7 @@ def run_finetune(
     *,
     method: str,
     dataset: str,
-    data_root: str | Path,
+    data_root: str | Path | Mapping[str, str | Path],
     model_dir: str | Path,
     out_dir: str | Path,
     ood_splits: Sequence[str],
@@ -210,12 +220,14 @@ def run_finetune(
     device: str = "cpu",
     progress: bool = True,
     resolved_config: Mapping[str, Any] | None = None,
+    data_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the whole network (FT: new random head; LP-FT: head from the probe)."""
     splits = {
-        split: load_split(dataset=dataset, split=split, root=data_root)
+        split: load_split(dataset=dataset, split=split, root=data_root, options=data_options)
         for split in (*ID_SPLITS, *ood_splits)
     }
+    options = data_options or {}
     num_classes = len(splits["train"].class_names)
     backbone, preprocess, _ = load_backbone(model_dir)
     torch.manual_seed(seed)  # the new head's initialisation depends on the seed only
@@ -243,14 +255,20 @@ def run_finetune(
         freeze_bn=freeze_bn,
         seed=seed,
     )
+    eval_transform = options.get("eval_transform", "resize")
     eval_sets = {
-        split_column(split): _dataset(arrays)
+        split_column(split): as_torch_dataset(
+            arrays, preprocess=preprocess, transform=eval_transform
+        )
         for split, arrays in splits.items()
         if split != "train"
     }
+    train_set = as_torch_dataset(
+        splits["train"], preprocess=preprocess, transform=options.get("train_transform", "resize")
+    )
     result = train_classifier(
         model=model,
-        train_set=_dataset(splits["train"]),
+        train_set=train_set,
         eval_sets=eval_sets,
         settings=settings,
         select_on="id_val",

@@ -1,0 +1,12 @@
+from robustft.data.download import build_breeds_class_maps, fetch_source
+from robustft.runtime import job
+
+with job(log_path=snakemake.log[0]):
+    source = snakemake.wildcards.source
+    fetch_source(
+        source=source,
+        out_dir=snakemake.output[0],
+        cache_dir=f"{snakemake.params.cache}/{source}",
+        urls=snakemake.params.urls,
+        after_unpack=build_breeds_class_maps if source == "breeds" else None,
+    )
