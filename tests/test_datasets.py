@@ -273,3 +273,33 @@ def test_files_and_arrays_become_uint8_tensors_of_the_input_size(paths):
             assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 24, 24)
             assert int(label) == int(data.labels[0])
     assert as_torch_dataset(r, preprocess=preprocess).class_subset == (1, 3, 5)
+
+
+def test_probe_scores_a_split_over_its_class_subset(tmp_path):
+    from robustft.features import write_features
+    from robustft.probe import run_probe
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 8)) * 5
+    centres[2] = centres[0] + 1.0  # class 2 lies next to class 0
+    files = {}
+    shifted = np.repeat(centres[2][None], 10, axis=0)  # class-2-looking images labelled 0
+    for split, features, labels, attrs in (
+        ("train", None, np.repeat(np.arange(4), 20), {}),
+        ("val", None, np.repeat(np.arange(4), 5), {}),
+        ("plain", shifted, np.zeros(10, dtype=np.int64), {}),
+        ("r", shifted, np.zeros(10, dtype=np.int64), {"class_subset": [0, 1]}),
+    ):
+        if features is None:
+            features = centres[labels] + rng.normal(size=(len(labels), 8)) * 0.1
+        files[split] = tmp_path / f"{split}.h5"
+        write_features(
+            files[split],
+            features=features.astype(np.float32),
+            labels=labels,
+            attrs={"num_classes": 4, **attrs},
+        )
+    metrics = run_probe(feature_files=files, out_dir=tmp_path / "probe", c_grid=[1.0], max_iter=500)
+    assert metrics["id_val"] == 1.0
+    assert metrics["ood_plain"] == 0.0  # argmax over all 4 classes picks class 2
+    assert metrics["ood_r"] == 1.0  # argmax over classes {0, 1} only
