@@ -88,16 +88,29 @@ FEATURE_TARGETS = {
     ("fmow", "africa"): 2,
     ("imagenet", "r"): 3 * 2,
     ("living17", "target"): 3 * 2,
+    ("mine", "night"): 2 * 2,  # bring your own: config only
 }
 
 
 def test_features_rule_runs_on_every_format(tmp_path):
     paths = fake_data.write_all(tmp_path / "data")
     config = yaml.safe_load(TINY.read_text())
+    mine = tmp_path / "mine"
+    for split, count in (("train", 4), ("test", 2), ("night", 2)):
+        for label, name in enumerate(("cow", "ant")):
+            for k in range(count):
+                fake_data.save_image(mine / split / name / f"{k}.png", value=60 * label)
     config.update(
         datasets=sorted({dataset for dataset, _ in FEATURE_TARGETS}),
         paths=paths,
         seeds=[0],
+        dataset_settings={
+            "mine": {
+                "type": "imagefolder",
+                "root": str(mine),
+                "splits": {"train": "train", "test": "test", "night": "night"},
+            }
+        },
     )
     config_file = tmp_path / "real.yaml"
     config_file.write_text(yaml.safe_dump(config))
@@ -115,3 +128,29 @@ def test_features_rule_runs_on_every_format(tmp_path):
     # Existing copies are checked, not downloaded.
     assert (tmp_path / "results/data_checks/imagenet.json").exists()
     assert not (tmp_path / "resources/datasets/cifar10").exists()
+
+
+def test_a_corrupt_download_fails_in_one_line_and_is_fetched_again(tmp_path):
+    from test_download import Server, imagenet_r_tar
+
+    server = Server()
+    try:
+        good = imagenet_r_tar(tmp_path)
+        server.files["r.tar"] = good[: len(good) // 2]  # truncated
+        config = yaml.safe_load(TINY.read_text())
+        config["download"] = {"urls": {"imagenet-r.tar": server.url("r.tar")}}
+        config_file = tmp_path / "c.yaml"
+        config_file.write_text(yaml.safe_dump(config))
+        target = "resources/datasets/imagenet_r"
+        args = ("--cores", "1", target, "--configfile", str(config_file))
+        result = snakemake(*args, cwd=tmp_path, check=False)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("robustft:")]
+        assert result.returncode != 0 and len(lines) == 1, result.stderr
+        assert "imagenet-r.tar" in lines[0]
+        assert not (tmp_path / target).exists()
+        server.files["r.tar"] = good
+        snakemake(*args, cwd=tmp_path)
+        assert (tmp_path / target / "imagenet-r" / fake_data.R_WNIDS[0]).is_dir()
+        assert [name for name, _ in server.requests] == ["r.tar", "r.tar"]
+    finally:
+        server.close()

@@ -298,6 +298,7 @@ def run_finetune(
             "settings": asdict(settings),
             "augment": augment,
             "ood_splits": list(ood_splits),
+            "data_options": dict(options),
             "device": device,
             "resolved_config": dict(resolved_config or {}),
             "environment": environment_info(),
