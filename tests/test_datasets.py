@@ -303,3 +303,41 @@ def test_probe_scores_a_split_over_its_class_subset(tmp_path):
     assert metrics["id_val"] == 1.0
     assert metrics["ood_plain"] == 0.0  # argmax over all 4 classes picks class 2
     assert metrics["ood_r"] == 1.0  # argmax over classes {0, 1} only
+
+
+def test_finetuning_runs_on_image_files_with_class_subsets(paths, tmp_path):
+    """run_finetune on file-backed splits: train transform, eval transforms, R/A subsets."""
+    import pandas as pd
+
+    from robustft.models import build_backbone, save_backbone
+    from robustft.stages import run_finetune
+
+    torch.manual_seed(0)
+    save_backbone(
+        backbone=build_backbone(architecture="toyresnet", kwargs={"width": 4}),
+        out_dir=tmp_path / "backbone",
+        architecture="toyresnet",
+        kwargs={"width": 4},
+        preprocess=PRE32,
+    )
+    metrics = run_finetune(
+        method="ft",
+        dataset="imagenet",
+        data_root=paths,
+        data_options=dataset_options({}, "imagenet"),
+        model_dir=tmp_path / "backbone",
+        out_dir=tmp_path / "run",
+        ood_splits=["r", "a"],
+        lr=0.01,
+        seed=0,
+        epochs=1,
+        batch_size=4,
+        momentum=0.9,
+        weight_decay=0.0,
+        freeze_bn=True,
+        augment=False,
+        progress=False,
+    )
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert {"id_val", "id_test", "ood_r", "ood_a"} <= set(history.columns)
+    assert 0.0 <= metrics["ood_a"] <= 1.0 and len(history) == 2

@@ -14,14 +14,20 @@ from robustft.data.datasets import memory_format, to_float
 
 @torch.inference_mode()
 def predict_logits(
-    model: nn.Module, dataset: Dataset, *, batch_size: int = 512, device: str = "cpu"
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 512,
+    device: str = "cpu",
+    num_workers: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits (N, C) and labels (N,) of `model` in eval mode; restores the model's mode."""
     was_training = model.training
     model.eval().to(memory_format=memory_format(device))
     logits, labels = [], []
     try:
-        for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        for images, targets in loader:
             logits.append(model(to_float(images.to(device, non_blocking=True))).float().cpu())
             labels.append(targets)
     finally:
@@ -46,9 +52,12 @@ def accuracy(
     batch_size: int = 512,
     device: str = "cpu",
     class_subset: Sequence[int] | None = None,
+    num_workers: int = 0,
 ) -> float:
     """Accuracy; `class_subset` defaults to the dataset's own (`as_torch_dataset` sets it)."""
-    logits, labels = predict_logits(model, dataset, batch_size=batch_size, device=device)
+    logits, labels = predict_logits(
+        model, dataset, batch_size=batch_size, device=device, num_workers=num_workers
+    )
     if class_subset is None:
         class_subset = getattr(dataset, "class_subset", None)
     return subset_accuracy(logits, labels, class_subset)

@@ -221,6 +221,7 @@ def run_finetune(
     progress: bool = True,
     resolved_config: Mapping[str, Any] | None = None,
     data_options: Mapping[str, Any] | None = None,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Fine-tune the whole network (FT: new random head; LP-FT: head from the probe)."""
     splits = {
@@ -254,6 +255,7 @@ def run_finetune(
         weight_decay=weight_decay,
         freeze_bn=freeze_bn,
         seed=seed,
+        num_workers=num_workers,
     )
     eval_transform = options.get("eval_transform", "resize")
     eval_sets = {

@@ -35,6 +35,7 @@ class TrainSettings:
     freeze_bn: bool = False
     seed: int = 0
     eval_batch_size: int = 512
+    num_workers: int = 0  # DataLoader processes decoding images (image-file datasets)
 
 
 @dataclass
@@ -90,6 +91,7 @@ def train_classifier(
         shuffle=True,
         drop_last=True,
         generator=generator,
+        num_workers=settings.num_workers,
     )
     if len(loader) == 0:
         raise ValueError(
@@ -108,7 +110,13 @@ def train_classifier(
 
     def evaluate_all() -> dict[str, float]:
         return {
-            name: accuracy(model, data, batch_size=settings.eval_batch_size, device=device)
+            name: accuracy(
+                model,
+                data,
+                batch_size=settings.eval_batch_size,
+                device=device,
+                num_workers=settings.num_workers,
+            )
             for name, data in eval_sets.items()
         }
 
