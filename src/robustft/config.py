@@ -90,9 +90,16 @@ def coerce_strings(value: Any, schema: Mapping[str, Any]) -> Any:
     and validation then names them.
     """
     expected = schema.get("type")
+    if isinstance(expected, list):  # e.g. [integer, "null"]: coerce to the non-null type
+        types = [kind for kind in expected if kind != "null"]
+        expected = types[0] if len(types) == 1 else None
     if isinstance(value, dict):
         properties = schema.get("properties", {})
-        return {key: coerce_strings(item, properties.get(key, {})) for key, item in value.items()}
+        extra = schema.get("additionalProperties")
+        extra = extra if isinstance(extra, dict) else {}
+        return {
+            key: coerce_strings(item, properties.get(key, extra)) for key, item in value.items()
+        }
     if isinstance(value, list):
         return [coerce_strings(item, schema.get("items", {})) for item in value]
     if not isinstance(value, str) or not isinstance(expected, str):
