@@ -206,7 +206,11 @@ def test_missing_data_names_the_file_and_the_rule(tmp_path):
         load("cifar10_stl", "stl", {"cifar10": str(tmp_path), "stl10": str(tmp_path)})
     message = str(error.value)
     assert "cifar-10-batches-bin/data_batch_1.bin: file missing" in message
-    assert "rule download_dataset" in message and "\n" not in message
+    assert "paths.cifar10" in message and "rule download_dataset" in message
+    assert "\n" not in message
+    with pytest.raises(FileNotFoundError) as error:
+        load("cifar10_stl", "test", {"cifar10": "resources/datasets/cifar10"})
+    assert "fetched by rule download_dataset: remove resources/datasets/cifar10" in str(error.value)
     with pytest.raises(FileNotFoundError, match=r"paths\.imagenet"):
         load("imagenet", "test", {"imagenet": str(tmp_path)})
 

@@ -217,13 +217,20 @@ def source_root(source: str, *, paths: dict[str, str | None] | None = None) -> s
     return str(configured) if configured else f"{DATA_ROOT}/{source}"
 
 
-def fetch_hint(source: str) -> str:
+def fetch_hint(source: str, root: str | Path | None = None) -> str:
+    """What provides a source: the rule that downloads it, or the config key to set."""
     spec = SOURCES[source]
     if not spec.downloads:
         return spec.how_to_get
+    default = f"{DATA_ROOT}/{source}"
+    if root is not None and Path(root) != Path(default):
+        return (
+            f"an existing copy named by paths.{source}; remove that key to have rule "
+            f"download_dataset fetch it into {default}"
+        )
     return (
-        f"fetched by rule download_dataset (snakemake {DATA_ROOT}/{source}), "
-        f"or set paths.{source} to an existing copy"
+        f"fetched by rule download_dataset: remove {default} if it is incomplete and run "
+        f"again, or set paths.{source} to an existing copy"
     )
 
 
@@ -238,7 +245,7 @@ def check_layout(source: str, root: str | Path) -> None:
         exists = path.is_dir() if entry.endswith("/") else path.is_file()
         if not exists:
             kind = "folder" if entry.endswith("/") else "file"
-            raise FileNotFoundError(f"{path}: {kind} missing ({fetch_hint(source)})")
+            raise FileNotFoundError(f"{path}: {kind} missing ({fetch_hint(source, root)})")
 
 
 def describe_copy(*, source: str, root: str | Path) -> dict[str, object]:
