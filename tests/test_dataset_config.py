@@ -49,6 +49,10 @@ def test_command_line_strings_in_dataset_settings_are_coerced():
         ({"dataset_settings": {"fmow": {"train_transform": "zoom"}}}, "train_transform"),
         ({"paths": {"imagenett": "/x"}}, "'imagenett' under 'paths'"),
         ({"datasets": ["bad name"]}, "datasets[0]"),
+        (
+            {"dataset_settings": {"fmow": {"finetune": {"ft": {"lr_grid": [1e-3, 0.001]}}}}},
+            "dataset_settings.fmow.finetune.ft.lr_grid",
+        ),
     ],
 )
 def test_bad_dataset_config_is_one_line_naming_the_key(change, named):

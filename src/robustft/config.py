@@ -140,6 +140,15 @@ def _check_cross_references(config: dict[str, Any]) -> None:
             raise ConfigError(
                 f"config key 'finetune.{method}.lr_grid': duplicate learning rate in {grid}"
             )
+    for dataset, own in (config.get("dataset_settings") or {}).items():
+        for method in ("ft", "lpft"):
+            grid = ((own or {}).get("finetune") or {}).get(method, {}).get("lr_grid")
+            spellings = [format_hparam(lr) for lr in grid or []]
+            if len(set(spellings)) != len(spellings):
+                raise ConfigError(
+                    f"config key 'dataset_settings.{dataset}.finetune.{method}.lr_grid': "
+                    f"duplicate learning rate in {grid}"
+                )
     if len(set(config["seeds"])) != len(config["seeds"]):
         raise ConfigError(f"config key 'seeds': duplicate seed in {config['seeds']}")
     toyshift = config.get("toyshift")
