@@ -143,7 +143,7 @@ def write_breeds(root: Path) -> Path:
 # (original FMoW split, timestamp, country, category) rows; WILDS splits by year and region.
 FMOW_ROWS = [
     ("train", "2010-05-01T10:00:00Z", "USA", "airport"),
-    ("train", "2011-05-01T10:00:00Z", "BRA", "zoo"),
+    ("train", "2011-05-01T10:00:00.123Z", "BRA", "zoo"),
     ("train", "2012-05-01T10:00:00Z", "CAN", "dam"),
     ("train", "2012-06-01T10:00:00Z", "FRA", "dam"),  # Europe: not ID train
     ("train", "2014-05-01T10:00:00Z", "USA", "dam"),  # 2013+: OOD years, in no train split

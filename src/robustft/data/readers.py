@@ -281,7 +281,7 @@ def read_fmow_split(root: str | Path, *, wilds_split: str, region: str) -> Image
     codes = pd.read_csv(regions_file)
     to_region = dict(zip(codes["alpha-3"], codes["region"], strict=True))
     regions = np.asarray([to_region.get(code, "Other") for code in metadata["country_code"]])
-    time = pd.to_datetime(metadata["timestamp"], utc=True)
+    time = pd.to_datetime(metadata["timestamp"], utc=True, format="ISO8601")
     ood_test = np.asarray(time >= pd.Timestamp("2016-01-01", tz="UTC"))
     ood_val = np.asarray(time >= pd.Timestamp("2013-01-01", tz="UTC")) & ~ood_test
     ood = ood_test | ood_val
