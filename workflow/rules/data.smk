@@ -32,9 +32,8 @@ rule download_dataset:
         f"{LOGS}/download_dataset/{{source}}.log",
     conda:
         "../../envs/torch.yaml"
-    params:
-        cache=config["download"]["cache"],
-        urls=config["download"]["urls"],
+    # The cache folder and mirror URLs are read from the config in the script, not passed as
+    # params: changing a mirror must not make Snakemake download a verified dataset again.
     script:
         "../scripts/download_dataset.py"
 
