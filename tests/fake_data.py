@@ -199,3 +199,36 @@ def write_all(root: Path) -> dict[str, str]:
             write_imagenet_ood(root / "imagenet_sketch", folder="sketch", classes=IMAGENET_WNIDS)
         ),
     }
+
+
+# Real ImageNet indices (sorted-wnid order) of the classes the fake ObjectNet maps onto.
+OBJECTNET_IMAGENET = {"analog clock": 409, "digital clock": 530, "banana": 954}
+
+
+def write_objectnet(root: Path, *, per_class: int = 2) -> Path:
+    """objectnet-1.0/images/<folder>/*.png and the four mapping files; the 2012 ids (lines of
+    imagenet_to_label_2012_v2) are a permutation of the class indices, as in the release."""
+    mappings = root / "objectnet-1.0" / "mappings"
+    mappings.mkdir(parents=True)
+    folders = {"alarm_clock": "Alarm clock", "banana": "Banana", "chair": "Chair"}
+    (mappings / "folder_to_objectnet_label.json").write_text(json.dumps(folders))
+    to_imagenet = {"Alarm clock": "analog clock; digital clock", "Banana": "banana"}
+    (mappings / "objectnet_to_imagenet_1k.json").write_text(json.dumps(to_imagenet))
+    to_2012 = {str(index): (index * 7) % 1000 for index in range(1000)}
+    (mappings / "pytorch_to_imagenet_2012_id.json").write_text(json.dumps(to_2012))
+    names = [f"class {i}" for i in range(1000)]
+    for name, index in OBJECTNET_IMAGENET.items():
+        names[to_2012[str(index)]] = name
+    (mappings / "imagenet_to_label_2012_v2").write_text("\n".join(names) + "\n")
+    for folder in folders:
+        for k in range(per_class):
+            save_image(root / "objectnet-1.0" / "images" / folder / f"{k}.png", value=k)
+    return root
+
+
+def write_imagenet_1000(root: Path) -> Path:
+    """ImageNet's 1000 class folders (made-up sorted wnids; empty: ObjectNet only lists them)."""
+    for index in range(1000):
+        (root / "train" / f"n{index:08d}").mkdir(parents=True)
+    (root / "val").mkdir()
+    return root

@@ -293,6 +293,13 @@ def test_probe_scores_a_split_over_its_class_subset(tmp_path):
         ("val", None, np.repeat(np.arange(4), 5), {}),
         ("plain", shifted, np.zeros(10, dtype=np.int64), {}),
         ("r", shifted, np.zeros(10, dtype=np.int64), {"class_subset": [0, 1]}),
+        # ObjectNet-like: classes 0 and 2 form one group, so predicting 2 for a 0 is right.
+        (
+            "grouped",
+            shifted,
+            np.zeros(10, dtype=np.int64),
+            {"class_subset": [0, 2, 3], "class_groups": [0, 1, 0, 3]},
+        ),
     ):
         if features is None:
             features = centres[labels] + rng.normal(size=(len(labels), 8)) * 0.1
@@ -307,6 +314,7 @@ def test_probe_scores_a_split_over_its_class_subset(tmp_path):
     assert metrics["id_val"] == 1.0
     assert metrics["ood_plain"] == 0.0  # argmax over all 4 classes picks class 2
     assert metrics["ood_r"] == 1.0  # argmax over classes {0, 1} only
+    assert metrics["ood_grouped"] == 1.0
 
 
 def test_finetuning_runs_on_image_files_with_class_subsets(paths, tmp_path):
@@ -345,3 +353,31 @@ def test_finetuning_runs_on_image_files_with_class_subsets(paths, tmp_path):
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert {"id_val", "id_test", "ood_r", "ood_a"} <= set(history.columns)
     assert 0.0 <= metrics["ood_a"] <= 1.0 and len(history) == 2
+
+
+def test_objectnet_maps_its_classes_onto_imagenet_groups(tmp_path):
+    roots = {
+        "imagenet": str(fake_data.write_imagenet_1000(tmp_path / "imagenet")),
+        "objectnet": str(fake_data.write_objectnet(tmp_path / "objectnet")),
+    }
+    assert "objectnet" not in dataset_options({}, "imagenet")["ood_splits"]
+    config = {"paths": roots}
+    assert dataset_options(config, "imagenet")["ood_splits"][-1] == "objectnet"
+    data = load_split(
+        dataset="imagenet",
+        split="objectnet",
+        root=roots,
+        options=dataset_options(config, "imagenet"),
+    )
+    clock, banana = 409, 954
+    assert data.labels.tolist() == [clock, clock, banana, banana]  # chair: not in ImageNet
+    assert data.class_subset == (409, 530, 954)
+    groups = data.class_groups
+    assert groups[409] == groups[530] != groups[954] and len(set(groups)) == 1000 - 1
+    logits = np.zeros((4, 1000))
+    logits[:, 0] = 100.0  # outside the subset: ignored
+    logits[[0, 1], [530, 954]] = 5.0  # a digital clock for an alarm clock: right; banana: wrong
+    logits[[2, 3], [954, 409]] = 5.0
+    assert subset_accuracy(logits, data.labels, data.class_subset, groups) == 0.5
+    dataset = as_torch_dataset(data, preprocess=PRE32)
+    assert dataset.border == 2 and tuple(dataset[0][0].shape) == (3, 32, 32)

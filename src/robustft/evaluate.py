@@ -36,13 +36,22 @@ def predict_logits(
 
 
 def subset_accuracy(
-    logits: np.ndarray, labels: np.ndarray, class_subset: Sequence[int] | None = None
+    logits: np.ndarray,
+    labels: np.ndarray,
+    class_subset: Sequence[int] | None = None,
+    class_groups: Sequence[int] | None = None,
 ) -> float:
-    """Accuracy of argmax over `class_subset` only (ImageNet-R/A: their 200 classes)."""
+    """Accuracy of argmax over `class_subset` only (ImageNet-R/A: their 200 classes); with
+    `class_groups`, a prediction is right when it falls in the label's group (ObjectNet)."""
     if class_subset is None:
-        return float((logits.argmax(axis=1) == labels).mean())
-    subset = np.asarray(class_subset, dtype=np.int64)
-    return float((subset[logits[:, subset].argmax(axis=1)] == labels).mean())
+        predicted = logits.argmax(axis=1)
+    else:
+        subset = np.asarray(class_subset, dtype=np.int64)
+        predicted = subset[logits[:, subset].argmax(axis=1)]
+    if class_groups is not None:
+        groups = np.asarray(class_groups, dtype=np.int64)
+        return float((groups[predicted] == groups[labels]).mean())
+    return float((predicted == labels).mean())
 
 
 def accuracy(
@@ -60,4 +69,4 @@ def accuracy(
     )
     if class_subset is None:
         class_subset = getattr(dataset, "class_subset", None)
-    return subset_accuracy(logits, labels, class_subset)
+    return subset_accuracy(logits, labels, class_subset, getattr(dataset, "class_groups", None))

@@ -172,7 +172,12 @@ def extract_split(
         num_workers=num_workers,
         progress=progress,
     )
-    subset = {} if arrays.class_subset is None else {"class_subset": list(arrays.class_subset)}
+    # Scoring hooks for the probe (ImageNet-R/A subsets, ObjectNet groups).
+    subset = {
+        key: list(value)
+        for key in ("class_subset", "class_groups")
+        if (value := getattr(arrays, key, None)) is not None
+    }
     write_features(
         out_path,
         features=features,

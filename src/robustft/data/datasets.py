@@ -96,12 +96,15 @@ class TransformedArrayDataset(ArrayImageDataset):
 class FileImageDataset(Dataset):
     """Image files decoded with PIL on access (in DataLoader workers), then transformed."""
 
-    def __init__(self, paths: Sequence[str], labels: np.ndarray, transform: Callable) -> None:
+    def __init__(
+        self, paths: Sequence[str], labels: np.ndarray, transform: Callable, *, border: int = 0
+    ) -> None:
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths = list(paths)
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         self.transform = transform
+        self.border = border
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -113,6 +116,11 @@ class FileImageDataset(Dataset):
         try:
             with Image.open(path) as image:
                 image = image.convert("RGB")
+                if self.border:
+                    width, height = image.size
+                    image = image.crop(
+                        (self.border, self.border, width - self.border, height - self.border)
+                    )
         except (OSError, ValueError) as error:
             raise ValueError(f"{path}: not a readable image ({error})") from None
         return self.transform(image), self.labels[index]
@@ -175,6 +183,7 @@ def as_torch_dataset(split: Any, *, preprocess: Any, transform: str = "resize") 
             dataset = TransformedArrayDataset(split.images, split.labels, fn)
     else:
         fn = image_transform(transform, size=size, crop_pct=crop_pct, interpolation=interpolation)
-        dataset = FileImageDataset(split.paths, split.labels, fn)
+        dataset = FileImageDataset(split.paths, split.labels, fn, border=split.border)
     dataset.class_subset = getattr(split, "class_subset", None)
+    dataset.class_groups = getattr(split, "class_groups", None)
     return dataset

@@ -210,6 +210,45 @@ def read_path_label_csv(
     return paths, labels
 
 
+# --- ObjectNet --------------------------------------------------------------------------
+
+
+def read_objectnet_groups(mappings: str | Path) -> list[tuple[str, list[int]]]:
+    """[(image folder, [ImageNet class indices])] for the ObjectNet classes that overlap
+    ImageNet, from ObjectNet 1.0's `mappings/` (the files WiSE-FT and CLIP read)."""
+    mappings = Path(mappings)
+    try:
+        folder_to_label = json.loads(
+            _require(mappings / "folder_to_objectnet_label.json").read_text()
+        )
+        to_imagenet = json.loads(_require(mappings / "objectnet_to_imagenet_1k.json").read_text())
+        pytorch_to_2012 = json.loads(
+            _require(mappings / "pytorch_to_imagenet_2012_id.json").read_text()
+        )
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{mappings}: a mapping file is not valid JSON ({error})") from None
+    label_to_folder = {label: folder for folder, label in folder_to_label.items()}
+    # ImageNet 2012 id (line number of imagenet_to_label_2012_v2) → class index (sorted wnids).
+    index_of_2012 = {int(v): int(k) for k, v in pytorch_to_2012.items()}
+    names = _require(mappings / "imagenet_to_label_2012_v2").read_text().splitlines()
+    index_of_name = {
+        name.strip(): index_of_2012[i] for i, name in enumerate(names) if i in index_of_2012
+    }
+    groups = []
+    for label, imagenet_names in to_imagenet.items():
+        if label not in label_to_folder:
+            raise ValueError(
+                f"{mappings / 'folder_to_objectnet_label.json'}: no folder for {label!r}"
+            )
+        ids = []
+        for name in imagenet_names.split("; "):
+            if name not in index_of_name:
+                raise ValueError(f"{mappings / 'imagenet_to_label_2012_v2'}: no class {name!r}")
+            ids.append(index_of_name[name])
+        groups.append((label_to_folder[label], ids))
+    return groups
+
+
 # --- BREEDS ----------------------------------------------------------------------------
 
 

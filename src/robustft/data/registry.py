@@ -32,6 +32,9 @@ class ImageArrays:
     class_names: tuple[str, ...]
     # ID class indices this split is scored over (argmax over these only); None = all.
     class_subset: tuple[int, ...] | None = None
+    # Group of every ID class: a prediction is right when its group is the label's (ObjectNet:
+    # several ImageNet classes make one ObjectNet class); None = the classes themselves.
+    class_groups: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class ImageFiles:
     labels: np.ndarray  # int64 (N,)
     class_names: tuple[str, ...]
     class_subset: tuple[int, ...] | None = None
+    class_groups: tuple[int, ...] | None = None
+    border: int = 0  # pixels cropped off every side before the transform (ObjectNet: 2)
 
 
 Split = ImageArrays | ImageFiles
@@ -55,6 +60,7 @@ class Setting:
     train_transform: str
     eval_transform: str
     has_val: bool = False  # False: `val` is carved from ID train (val_fraction, split_seed)
+    optional_splits: tuple[str, ...] = ()  # OOD splits used by default only if configured
     extra_sources: tuple[str, ...] = ()  # read for every split (BREEDS class maps)
     description: str = ""
 
@@ -115,7 +121,9 @@ SETTINGS: dict[str, Setting] = {
                 "r": "imagenet_r",
                 "a": "imagenet_a",
                 "sketch": "imagenet_sketch",
+                "objectnet": "objectnet",
             },
+            optional_splits=("objectnet",),  # where paths.objectnet names a copy
             train_transform="random_resized_crop",
             eval_transform="resize_center_crop",
             description="ImageNet → V2 matched-frequency, R, A, Sketch (R, A over 200 classes)",
@@ -183,7 +191,13 @@ def dataset_options(config: Mapping[str, Any], dataset: str) -> dict[str, Any]:
         return options
     setting = SETTINGS[dataset]
     ood = own.get("ood_splits")
-    ood = list(ood) if ood is not None else list(setting.ood_sources)
+    if ood is None:
+        configured = config.get("paths") or {}
+        ood = [
+            split
+            for split, source in setting.ood_sources.items()
+            if split not in setting.optional_splits or configured.get(source)
+        ]
     unknown = [s for s in ood if s not in setting.ood_sources]
     if unknown:
         raise ValueError(
@@ -361,6 +375,8 @@ def _imagenet(*, split: str, roots: Mapping[str, Path]) -> ImageFiles:
         return ImageFiles(paths=images.paths, labels=images.labels, class_names=names)
     source = SETTINGS["imagenet"].ood_sources[split]
     folder = roots[source] / SOURCES[source].image_folder
+    if split == "objectnet":
+        return _objectnet(folder=roots[source], wnids=wnids)
     if split == "v2":
         # ImageNet-V2 folders are class indices 0..999, not wnids.
         images = readers.read_class_folders(
@@ -376,6 +392,40 @@ def _imagenet(*, split: str, roots: Mapping[str, Path]) -> ImageFiles:
     subset = tuple(sorted(index[w] for w in present)) if len(present) < len(wnids) else None
     return ImageFiles(
         paths=images.paths, labels=images.labels, class_names=names, class_subset=subset
+    )
+
+
+def _objectnet(*, folder: Path, wnids: Sequence[str]) -> ImageFiles:
+    """ObjectNet's 113 ImageNet-overlapping classes, scored as WiSE-FT does: argmax over the
+    ImageNet classes they map to, right when that class belongs to the image's ObjectNet
+    class. Labels are in ImageNet's space: each image gets one ImageNet class of its group."""
+    groups = readers.read_objectnet_groups(folder / "objectnet-1.0" / "mappings")
+    if len(wnids) != 1000:
+        raise ValueError(
+            f"ObjectNet maps onto the 1000 ImageNet classes; {len(wnids)} class folders found"
+        )
+    group_of = [-1] * len(wnids)
+    for number, (_, ids) in enumerate(groups):
+        for index in ids:
+            if group_of[index] < 0:  # a class in two groups counts for the first (as WiSE-FT)
+                group_of[index] = number
+    images_root = folder / "objectnet-1.0" / "images"
+    paths, labels = [], []
+    for number, (folder_name, ids) in enumerate(groups):
+        own = [index for index in ids if group_of[index] == number]
+        if not own:
+            continue  # every class of this group counts for an earlier one: never right
+        files = sorted(str(p) for p in (images_root / folder_name).iterdir() if readers.is_image(p))
+        paths += files
+        labels += [own[0]] * len(files)
+    subset = tuple(sorted({index for _, ids in groups for index in ids}))
+    return ImageFiles(
+        paths=tuple(paths),
+        labels=np.asarray(labels, dtype=np.int64),
+        class_names=tuple(wnids),
+        class_subset=subset,
+        class_groups=tuple(g if g >= 0 else len(groups) + i for i, g in enumerate(group_of)),
+        border=2,  # ObjectNet images carry a 1-pixel red border
     )
 
 

@@ -158,6 +158,28 @@ SOURCES: dict[str, Source] = {
             ),
         ),
         Source(
+            name="objectnet",
+            title="ObjectNet 1.0 (the 113 classes that overlap ImageNet)",
+            downloads=(),
+            layout=(
+                "objectnet-1.0/images/",
+                *(
+                    f"objectnet-1.0/mappings/{name}"
+                    for name in (
+                        "folder_to_objectnet_label.json",
+                        "objectnet_to_imagenet_1k.json",
+                        "pytorch_to_imagenet_2012_id.json",
+                        "imagenet_to_label_2012_v2",
+                    )
+                ),
+            ),
+            image_folder="objectnet-1.0/images",
+            how_to_get=(
+                "ObjectNet is not downloaded by script (its licence must be accepted): set "
+                "paths.objectnet to the folder holding the unpacked objectnet-1.0/"
+            ),
+        ),
+        Source(
             name="imagenet_v2",
             title="ImageNet-V2 matched-frequency",
             downloads=(
