@@ -90,9 +90,16 @@ def coerce_strings(value: Any, schema: Mapping[str, Any]) -> Any:
     and validation then names them.
     """
     expected = schema.get("type")
+    if isinstance(expected, list):  # e.g. [integer, "null"]: coerce to the non-null type
+        types = [kind for kind in expected if kind != "null"]
+        expected = types[0] if len(types) == 1 else None
     if isinstance(value, dict):
         properties = schema.get("properties", {})
-        return {key: coerce_strings(item, properties.get(key, {})) for key, item in value.items()}
+        extra = schema.get("additionalProperties")
+        extra = extra if isinstance(extra, dict) else {}
+        return {
+            key: coerce_strings(item, properties.get(key, extra)) for key, item in value.items()
+        }
     if isinstance(value, list):
         return [coerce_strings(item, schema.get("items", {})) for item in value]
     if not isinstance(value, str) or not isinstance(expected, str):
@@ -139,6 +146,15 @@ def _check_cross_references(config: dict[str, Any]) -> None:
             f"config key 'probe.c_grid': log10_min {c_grid['log10_min']} is above "
             f"log10_max {c_grid['log10_max']}"
         )
+    for dataset, own in (config.get("dataset_settings") or {}).items():
+        for method in ("ft", "lpft"):
+            grid = ((own or {}).get("finetune") or {}).get(method, {}).get("lr_grid")
+            spellings = [format_hparam(lr) for lr in grid or []]
+            if len(set(spellings)) != len(spellings):
+                raise ConfigError(
+                    f"config key 'dataset_settings.{dataset}.finetune.{method}.lr_grid': "
+                    f"duplicate learning rate in {grid}"
+                )
     if len(set(config["seeds"])) != len(config["seeds"]):
         raise ConfigError(f"config key 'seeds': duplicate seed in {config['seeds']}")
     toyshift = config.get("toyshift")

@@ -122,6 +122,22 @@ def _full_head(
     return weight, bias
 
 
+def _accuracy(result: ProbeResult, data: Any) -> float:
+    """Argmax over the split's `class_subset` attribute when its feature file has one; with
+    `class_groups`, right when the prediction is in the label's group (ObjectNet)."""
+    subset = data.attrs.get("class_subset")
+    if subset is None or len(subset) == 0:
+        predicted = result.predict(data.features)
+    else:
+        subset = np.asarray(subset, dtype=np.int64)
+        predicted = subset[result.logits(data.features)[:, subset].argmax(axis=1)]
+    groups = data.attrs.get("class_groups")
+    if groups is not None and len(groups):
+        groups = np.asarray(groups, dtype=np.int64)
+        return float((groups[predicted] == groups[data.labels]).mean())
+    return float((predicted == data.labels).mean())
+
+
 def run_probe(
     *,
     feature_files: Mapping[str, str | Path],
@@ -162,7 +178,7 @@ def run_probe(
         progress=progress,
     )
     accuracies = {
-        split_column(split): float((result.predict(data.features) == data.labels).mean())
+        split_column(split): _accuracy(result, data)
         for split, data in sets.items()
         if split != "train"
     }

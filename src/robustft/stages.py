@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from robustft import __version__
-from robustft.data.datasets import ArrayImageDataset, train_transform
-from robustft.data.registry import ID_SPLITS, ImageArrays, load_split, split_column
+from robustft.data.datasets import ArrayImageDataset, as_torch_dataset, train_transform
+from robustft.data.registry import ID_SPLITS, ImageArrays, load_split, split_column, take
 from robustft.evaluate import accuracy
 from robustft.features import extract_features, write_features
 from robustft.io import sha256_file, write_csv, write_json
@@ -146,27 +146,41 @@ def extract_split(
     *,
     dataset: str,
     split: str,
-    data_root: str | Path,
+    data_root: str | Path | Mapping[str, str | Path],
     model_dir: str | Path,
     out_path: str | Path,
     backbone_name: str,
     batch_size: int = 256,
     device: str = "cpu",
     progress: bool = True,
+    data_options: Mapping[str, Any] | None = None,
+    num_workers: int = 0,
 ) -> None:
-    """Frozen, eval-mode penultimate features of one split into an HDF5 file."""
-    arrays = load_split(dataset=dataset, split=split, root=data_root)
+    """Frozen, eval-mode penultimate features of one split into an HDF5 file.
+
+    `data_root`: the toyshift folder or {source: folder}; `data_options`:
+    `registry.dataset_options` (eval transform, val carving, imagefolder layout).
+    """
+    arrays = load_split(dataset=dataset, split=split, root=data_root, options=data_options)
     backbone, preprocess, meta = load_backbone(model_dir)
     model = ImageClassifier(
         backbone=backbone, num_classes=len(arrays.class_names), preprocess=preprocess
     )
+    transform = (data_options or {}).get("eval_transform", "resize")
     features, labels = extract_features(
         model,
-        _dataset(arrays),
+        as_torch_dataset(arrays, preprocess=preprocess, transform=transform),
         batch_size=batch_size,
         device=device,
+        num_workers=num_workers,
         progress=progress,
     )
+    # Scoring hooks for the probe (ImageNet-R/A subsets, ObjectNet groups).
+    subset = {
+        key: list(value)
+        for key in ("class_subset", "class_groups")
+        if (value := getattr(arrays, key, None)) is not None
+    }
     write_features(
         out_path,
         features=features,
@@ -177,8 +191,9 @@ def extract_split(
             "dataset": dataset,
             "split": split,
             "num_classes": len(arrays.class_names),
-            "preprocessing": f"to float in [0,1]; normalise mean={list(preprocess.mean)} "
-            f"std={list(preprocess.std)}; no augmentation",
+            "preprocessing": f"{transform} to {preprocess.input_size}; to float in [0,1]; "
+            f"normalise mean={list(preprocess.mean)} std={list(preprocess.std)}; no augmentation",
+            **subset,
         },
     )
 
@@ -203,7 +218,7 @@ def run_finetune(
     *,
     method: str,
     dataset: str,
-    data_root: str | Path,
+    data_root: str | Path | Mapping[str, str | Path],
     model_dir: str | Path,
     out_dir: str | Path,
     ood_splits: Sequence[str],
@@ -222,6 +237,8 @@ def run_finetune(
     device: str = "cpu",
     progress: bool = True,
     resolved_config: Mapping[str, Any] | None = None,
+    data_options: Mapping[str, Any] | None = None,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Fine-tune the whole network (FT: new random head; LP-FT: head from the probe).
 
@@ -231,9 +248,10 @@ def run_finetune(
     when a job fails).
     """
     splits = {
-        split: load_split(dataset=dataset, split=split, root=data_root)
+        split: load_split(dataset=dataset, split=split, root=data_root, options=data_options)
         for split in (*ID_SPLITS, *ood_splits)
     }
+    options = data_options or {}
     num_classes = len(splits["train"].class_names)
     backbone, preprocess, backbone_meta = load_backbone(model_dir)
     torch.manual_seed(seed)  # the new head's initialisation depends on the seed only
@@ -260,12 +278,19 @@ def run_finetune(
         weight_decay=weight_decay,
         freeze_bn=freeze_bn,
         seed=seed,
+        num_workers=num_workers,
     )
+    eval_transform = options.get("eval_transform", "resize")
     eval_sets = {
-        split_column(split): _dataset(arrays)
+        split_column(split): as_torch_dataset(
+            arrays, preprocess=preprocess, transform=eval_transform
+        )
         for split, arrays in splits.items()
         if split != "train"
     }
+    train_set = as_torch_dataset(
+        splits["train"], preprocess=preprocess, transform=options.get("train_transform", "resize")
+    )
     checkpointing = None
     if state_dir is not None:
         identity = {
@@ -274,6 +299,7 @@ def run_finetune(
             "settings": asdict(settings),
             "augment": augment,
             "save_epochs": sorted(save_epochs),
+            "data_options": dict(options),
             "backbone_sha256": backbone_meta["sha256"],
             "probe_head_sha256": (
                 sha256_file(Path(probe_dir) / "head.safetensors") if probe_dir else None
@@ -297,7 +323,7 @@ def run_finetune(
         keep_checkpoint(0, model)
     result = train_classifier(
         model=model,
-        train_set=_dataset(splits["train"]),
+        train_set=train_set,
         eval_sets=eval_sets,
         settings=settings,
         select_on="id_val",
@@ -329,6 +355,7 @@ def run_finetune(
             "settings": asdict(settings),
             "augment": augment,
             "ood_splits": list(ood_splits),
+            "data_options": dict(options),
             "device": device,
             "resolved_config": dict(resolved_config or {}),
             "environment": environment_info(),
@@ -343,7 +370,7 @@ def run_finetune(
 def train_baseline(
     *,
     dataset: str,
-    data_root: str | Path,
+    data_root: str | Path | Mapping[str, str | Path],
     out_dir: str | Path,
     ood_splits: Sequence[str],
     architecture: str,
@@ -355,27 +382,32 @@ def train_baseline(
     weight_decay: float,
     augment: bool,
     seed: int,
+    data_options: Mapping[str, Any] | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
     """A model trained from scratch on (a fraction of) the ID training data only.
 
     Such models define the baseline line of effective robustness. The best epoch by ID val
-    is kept; ID test and the OOD splits are evaluated on it once, at the end.
+    is kept; ID test and the OOD splits are evaluated on it once, at the end. Images are
+    used at the training images' own size (in-memory settings: toyshift, the CIFAR ones).
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     splits = {
-        split: load_split(dataset=dataset, split=split, root=data_root)
+        split: load_split(dataset=dataset, split=split, root=data_root, options=data_options)
         for split in (*ID_SPLITS, *ood_splits)
     }
     train = splits["train"]
-    keep = np.sort(
-        np.random.default_rng(seed).permutation(len(train.labels))[
-            : max(batch_size, round(fraction * len(train.labels)))
-        ]
-    )
-    images = train.images[keep].astype(np.float32) / 255.0
+    if not isinstance(train, ImageArrays):
+        raise ValueError(
+            f"dataset {dataset!r}: baseline models are trained on in-memory settings only; "
+            f"give its published line as config key 'baseline.lines.{dataset}'"
+        )
+    count = min(len(train.labels), max(batch_size, round(fraction * len(train.labels))))
+    keep = np.sort(np.random.default_rng(seed).permutation(len(train.labels))[:count])
+    train = take(train, keep)
+    images = train.images.astype(np.float32) / 255.0
     # From scratch, so the model's normalisation is that of its own training data.
     preprocess = Preprocess(
         input_size=int(train.images.shape[1]),
@@ -396,10 +428,15 @@ def train_baseline(
         weight_decay=weight_decay,
         seed=seed,
     )
+
+    def torch_dataset(split: str) -> torch.utils.data.Dataset:
+        arrays = train if split == "train" else splits[split]
+        return as_torch_dataset(arrays, preprocess=preprocess, transform="resize")
+
     result = train_classifier(
         model=model,
-        train_set=ArrayImageDataset(train.images[keep], train.labels[keep]),
-        eval_sets={"id_val": _dataset(splits["val"])},
+        train_set=torch_dataset("train"),
+        eval_sets={"id_val": torch_dataset("val")},
         settings=settings,
         select_on="id_val",
         device=device,
@@ -408,8 +445,8 @@ def train_baseline(
     )
     model.load_state_dict(result.best_state)
     scores = {
-        split_column(split): accuracy(model, _dataset(arrays), device=device)
-        for split, arrays in splits.items()
+        split_column(split): accuracy(model, torch_dataset(split), device=device)
+        for split in splits
         if split not in ("train", "val")
     }
     out_dir = Path(out_dir)
@@ -420,7 +457,7 @@ def train_baseline(
         "width": width,
         "epochs": epochs,
         "fraction": fraction,
-        "train_images": len(keep),
+        "train_images": count,
         "seed": seed,
         "best_epoch": result.best_epoch,
         "id_val": result.history[result.best_epoch]["id_val"],
@@ -437,7 +474,9 @@ def feature_distortion(
     model_dir: str | Path,
     pretrained_features: Mapping[str, str | Path],
     runs: Sequence[Mapping[str, Any]],
+    data_options: Mapping[str, Any] | None = None,
     batch_size: int = 256,
+    num_workers: int = 0,
     device: str = "cpu",
     progress: bool = True,
 ) -> list[dict[str, Any]]:
@@ -455,7 +494,11 @@ def feature_distortion(
     from robustft.robustness import linear_cka, relative_change
 
     before = {split: read_features(path) for split, path in pretrained_features.items()}
-    splits = {split: load_split(dataset=dataset, split=split, root=data_root) for split in before}
+    splits = {
+        split: load_split(dataset=dataset, split=split, root=data_root, options=data_options)
+        for split in before
+    }
+    eval_transform = (data_options or {}).get("eval_transform", "resize")
     rows = []
     for run in runs:
         weights = Path(run["path"]).parent / "model.safetensors"
@@ -470,7 +513,12 @@ def feature_distortion(
         load_state(model, load_file(str(weights)), source=weights)
         for split, arrays in splits.items():
             after, _ = extract_features(
-                model, _dataset(arrays), batch_size=batch_size, device=device, progress=progress
+                model,
+                as_torch_dataset(arrays, preprocess=preprocess, transform=eval_transform),
+                batch_size=batch_size,
+                device=device,
+                num_workers=num_workers,
+                progress=progress,
             )
             if after.shape != before[split].features.shape:
                 raise ValueError(

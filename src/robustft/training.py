@@ -44,6 +44,7 @@ class TrainSettings:
     freeze_bn: bool = False
     seed: int = 0
     eval_batch_size: int = 512
+    num_workers: int = 0  # DataLoader processes decoding images (image-file datasets)
 
 
 @dataclass
@@ -171,7 +172,13 @@ def train_classifier(
     def evaluate_all() -> dict[str, float]:
         scores = {}
         for name, data in eval_sets.items():
-            scores[name] = accuracy(model, data, batch_size=settings.eval_batch_size, device=device)
+            scores[name] = accuracy(
+                model,
+                data,
+                batch_size=settings.eval_batch_size,
+                device=device,
+                num_workers=settings.num_workers,
+            )
             stop_if_requested()
         return scores
 
@@ -217,9 +224,10 @@ def train_classifier(
                 batch_size=settings.batch_size,
                 sampler=run.order[run.step * settings.batch_size :].tolist(),
                 drop_last=True,
-                # Its own generator: a DataLoader draws a seed from it per iterator, and a
-                # resumed run creates one more iterator than an uninterrupted one.
-                generator=torch.Generator(),
+                num_workers=settings.num_workers,
+                # Its own generator, seeded per epoch: a DataLoader draws from it the seed of
+                # its workers' random transforms, and a resumed run creates one more loader.
+                generator=torch.Generator().manual_seed(settings.seed * 1_000_003 + run.epoch),
             )
             # Sums stay on the device: no host sync per step.
             for images, labels in loader:

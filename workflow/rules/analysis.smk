@@ -25,6 +25,7 @@ rule train_baseline:
         settings=lambda wildcards: get_baseline_settings(wildcards.baseline),
         ood_splits=lambda wildcards: get_ood_splits(wildcards.dataset),
         data_root=get_data_root,
+        data_options=get_data_options("features"),
         device=config["device"],
         progress=config["progress"],
     script:
@@ -96,7 +97,9 @@ rule feature_distortion:
     params:
         plan=get_distortion_plan,
         data_root=get_data_root,
+        data_options=get_data_options("features"),
         batch_size=config["features"]["batch_size"],
+        num_workers=config["features"]["num_workers"],
         device=config["device"],
         progress=config["progress"],
     script:

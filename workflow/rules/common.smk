@@ -14,7 +14,8 @@ os.environ.update(
 )
 
 from robustft.config import ConfigError, format_hparam, load_schema, validate_config
-from robustft.data.registry import ID_SPLITS
+from robustft.data.registry import ID_SPLITS, dataset_options, dataset_sources
+from robustft.data.sources import SOURCES, source_root
 
 try:
     validate_config(
@@ -27,6 +28,21 @@ except ConfigError as error:
     # One line naming the key, before any job starts and before anything is written.
     sys.exit(f"robustft: {error}")
 
+
+try:
+    # Per-dataset settings (registry defaults under `dataset_settings`), resolved once.
+    DATASET_OPTIONS = {
+        dataset: dataset_options(config, dataset) for dataset in config["datasets"]
+    }
+except ValueError as error:
+    sys.exit(f"robustft: {error}")
+for _dataset, _options in DATASET_OPTIONS.items():
+    for _source in dataset_sources(_dataset, ood_splits=_options["ood_splits"] or []):
+        if not SOURCES[_source].downloads and not config["paths"].get(_source):
+            sys.exit(
+                f"robustft: config key 'paths.{_source}' is required by dataset "
+                f"{_dataset!r} ({SOURCES[_source].how_to_get})"
+            )
 
 TOYSHIFT_DOMAINS = ("real", "clipart", "sketch", "painting")
 FINETUNE_METHODS = [method for method in config["methods"] if method != "lp"]
@@ -43,22 +59,79 @@ def get_ood_splits(dataset):
     if dataset == "toyshift":
         id_domain = config["toyshift"]["id_domain"]
         return [domain for domain in TOYSHIFT_DOMAINS if domain != id_domain]
-    raise ValueError(f"unknown dataset {dataset!r}")
+    return list(DATASET_OPTIONS[dataset]["ood_splits"])
 
 
 def get_splits(dataset):
     return [*ID_SPLITS, *get_ood_splits(dataset)]
 
 
+def get_sources(dataset):
+    """The data sources (download units) a dataset reads; none for toyshift and imagefolder."""
+    options = DATASET_OPTIONS[dataset]
+    if options["type"] != "builtin":
+        return []
+    return dataset_sources(dataset, ood_splits=options["ood_splits"] or [])
+
+
+def get_source_input(source):
+    """A downloaded source is its folder (rule download_dataset); an existing copy named
+    under `paths:` is its layout check (rule check_dataset)."""
+    if config["paths"].get(source):
+        return f"results/data_checks/{source}.json"
+    return f"resources/datasets/{source}"
+
+
 def get_dataset_files(wildcards):
-    """The prepared files a dataset's reader loads."""
+    """The prepared files or folders a dataset's reader loads."""
     if wildcards.dataset == "toyshift":
         return {"task": "resources/datasets/toyshift/task.h5"}
-    raise ValueError(f"unknown dataset {wildcards.dataset!r}")
+    return {
+        f"source_{source}": get_source_input(source)
+        for source in get_sources(wildcards.dataset)
+    }
 
 
 def get_data_root(wildcards):
-    return f"resources/datasets/{wildcards.dataset}"
+    """The toyshift folder, or {source: folder} for the real settings."""
+    if wildcards.dataset == "toyshift":
+        return "resources/datasets/toyshift"
+    return {
+        source: source_root(source, paths=config["paths"])
+        for source in get_sources(wildcards.dataset)
+    }
+
+
+def get_data_options(stage):
+    """The per-dataset settings that shape a stage's input images (Snakemake `params`):
+    features never depend on the OOD split list or the training transform."""
+    drop = {"ood_splits", "backbones", "finetune"}
+    if stage == "features":
+        drop.add("train_transform")
+
+    def options(wildcards):
+        return {
+            key: value
+            for key, value in DATASET_OPTIONS[wildcards.dataset].items()
+            if key not in drop
+        }
+
+    return options
+
+
+def get_backbones(dataset):
+    """Backbones of one dataset: its own `dataset_settings.<dataset>.backbones`, else all."""
+    own = (config["dataset_settings"].get(dataset) or {}).get("backbones")
+    return list(own) if own else list(config["backbones"])
+
+
+def all_backbones():
+    names = [b for dataset in config["datasets"] for b in get_backbones(dataset)]
+    return list(dict.fromkeys(names))
+
+
+def get_finetune_overrides(dataset):
+    return (config["dataset_settings"].get(dataset) or {}).get("finetune") or {}
 
 
 def get_backbone_files(wildcards):
@@ -66,9 +139,11 @@ def get_backbone_files(wildcards):
     return {"weights": f"{folder}/model.safetensors", "meta": f"{folder}/meta.json"}
 
 
-def get_lr_grid(method):
-    """Learning rates of a method in their one canonical spelling (folder names)."""
-    return [format_hparam(lr) for lr in config["finetune"][method]["lr_grid"]]
+def get_lr_grid(method, dataset):
+    """Learning rates of a method on a dataset in their one canonical spelling (folder
+    names): the dataset's own grid where it has one, else the global one."""
+    own = (get_finetune_overrides(dataset).get(method) or {}).get("lr_grid")
+    return [format_hparam(lr) for lr in own or config["finetune"][method]["lr_grid"]]
 
 
 def get_c_grid():
@@ -79,9 +154,9 @@ def get_c_grid():
     return [float(format_hparam(value)) for value in values]
 
 
-def get_finetune_settings(method):
+def get_finetune_settings(method, dataset):
     """The config keys that shape one fine-tuning run (Snakemake `params`, so that changing
-    one of them reruns exactly the runs it affects)."""
+    one of them reruns exactly the runs it affects); a dataset's own values win."""
     shared = {
         key: value
         for key, value in config["finetune"].items()
@@ -92,7 +167,12 @@ def get_finetune_settings(method):
         for key, value in config["finetune"][method].items()
         if key != "lr_grid"
     }
-    return {**shared, **own}
+    overrides = {
+        key: value
+        for key, value in get_finetune_overrides(dataset).items()
+        if key not in {"ft", "lpft"} and value is not None
+    }
+    return {**shared, **own, **overrides}
 
 
 def get_probe_files(wildcards):
@@ -110,7 +190,7 @@ def get_run_metrics(wildcards):
         method=wildcards.method,
         backbone=wildcards.backbone,
         dataset=wildcards.dataset,
-        lr=get_lr_grid(wildcards.method),
+        lr=get_lr_grid(wildcards.method, wildcards.dataset),
         seed=config["seeds"],
     )
 
@@ -118,7 +198,7 @@ def get_run_metrics(wildcards):
 def get_table_inputs(wildcards):
     """{(method, backbone) as "method/backbone": the files its table row is made from}."""
     inputs = {}
-    for backbone in config["backbones"]:
+    for backbone in get_backbones(wildcards.dataset):
         if "lp" in config["methods"]:
             inputs[f"lp/{backbone}"] = expand(
                 "results/probe/{backbone}/{dataset}/seed{seed}/metrics.json",
@@ -161,11 +241,20 @@ def baseline_name(model):
     return f"w{model['width']}-e{model['epochs']}-f{fraction}"
 
 
+# Settings held in memory at their own small image size: baseline models train on these.
+# The others need a published line (baseline.lines) for effective robustness.
+BASELINE_DATASETS = ("toyshift", "cifar10_stl", "cifar10_cifar101")
+
+
 def get_baseline_models(dataset):
     """{name: settings} of the baseline models of a dataset; none with a published line."""
-    if dataset in config["baseline"]["lines"]:
+    if dataset in config["baseline"]["lines"] or dataset not in BASELINE_DATASETS:
         return {}
     return {baseline_name(model): model for model in config["baseline"]["models"]}
+
+
+def has_effective_robustness(dataset):
+    return dataset in config["baseline"]["lines"] or dataset in BASELINE_DATASETS
 
 
 def get_baseline_settings(name):
@@ -227,7 +316,7 @@ def get_distortion_plan(wildcards):
                 for method in FINETUNE_METHODS
             },
         }
-        for backbone in config["backbones"]
+        for backbone in get_backbones(dataset)
     }
 
 
@@ -247,9 +336,11 @@ def get_final_outputs():
         "results/plots/id_vs_ood.png",
     ]
     if config["analysis"]["effective_robustness"]:
-        outputs += expand(
-            "results/analysis/er/{dataset}.csv", dataset=config["datasets"]
-        )
+        outputs += [
+            f"results/analysis/er/{dataset}.csv"
+            for dataset in config["datasets"]
+            if has_effective_robustness(dataset)
+        ]
     if config["analysis"]["feature_distortion"] and FINETUNE_METHODS:
         outputs += expand(
             "results/analysis/distortion/{dataset}.csv", dataset=config["datasets"]
@@ -259,7 +350,8 @@ def get_final_outputs():
 
 wildcard_constraints:
     dataset=_alternatives(config["datasets"]),
-    backbone=_alternatives(config["backbones"]),
+    backbone=_alternatives(all_backbones()),
+    source=_alternatives(SOURCES),
     method=_alternatives(FINETUNE_METHODS),
     seed=r"\d+",
     baseline=_alternatives(

@@ -18,7 +18,9 @@ rule extract_features:
         **get_stage_resources("features"),
     params:
         data_root=get_data_root,
+        data_options=get_data_options("features"),
         batch_size=config["features"]["batch_size"],
+        num_workers=config["features"]["num_workers"],
         device=config["device"],
         progress=config["progress"],
     script:

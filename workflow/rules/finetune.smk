@@ -21,11 +21,14 @@ rule finetune:
     resources:
         **get_stage_resources("finetune"),
     params:
-        settings=lambda wildcards: get_finetune_settings(wildcards.method),
+        settings=lambda wildcards: get_finetune_settings(
+            wildcards.method, wildcards.dataset
+        ),
         ood_splits=lambda wildcards: get_ood_splits(wildcards.dataset),
         data_root=get_data_root,
         # Resumable state: not an output, so that it survives the failed job it exists for.
         state_dir="results/resume/finetune/{method}/{backbone}/{dataset}/lr{lr}/seed{seed}",
+        data_options=get_data_options("finetune"),
         device=config["device"],
         progress=config["progress"],
     script:

@@ -8,10 +8,12 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         dataset=snakemake.wildcards.dataset,
         split=snakemake.wildcards.split,
         data_root=snakemake.params.data_root,
+        data_options=snakemake.params.data_options,
         model_dir=Path(snakemake.input.weights).parent,
         out_path=snakemake.output[0],
         backbone_name=snakemake.wildcards.backbone,
         batch_size=snakemake.params.batch_size,
+        num_workers=snakemake.params.num_workers,
         device=resolve_device(snakemake.params.device),
         progress=snakemake.params.progress,
     )

@@ -18,7 +18,9 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
             model_dir=plan["model_dir"],
             pretrained_features=plan["features"],
             runs=runs,
+            data_options=snakemake.params.data_options,
             batch_size=snakemake.params.batch_size,
+            num_workers=snakemake.params.num_workers,
             device=resolve_device(snakemake.params.device),
             progress=snakemake.params.progress,
         ):

@@ -9,6 +9,7 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         data_root=snakemake.params.data_root,
         out_dir=Path(snakemake.output.metrics).parent,
         ood_splits=snakemake.params.ood_splits,
+        data_options=snakemake.params.data_options,
         device=resolve_device(snakemake.params.device),
         progress=snakemake.params.progress,
         **snakemake.params.settings,

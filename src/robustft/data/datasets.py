@@ -1,4 +1,4 @@
-"""Torch datasets over images held in memory, and batch-level augmentation.
+"""Torch datasets over images in memory or in files, CPU transforms, batch augmentation.
 
 Images stay uint8 until a whole batch is on the training device; cropping, flipping and the
 conversion to float happen there, once per batch (cheap on a CPU, free on a GPU).
@@ -6,7 +6,8 @@ conversion to float happen there, once per batch (cheap on a CPU, free on a GPU)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,3 +80,110 @@ def random_crop_flip(
 
 def train_transform(*, augment: bool) -> BatchTransform:
     return random_crop_flip if augment else to_float
+
+
+class TransformedArrayDataset(ArrayImageDataset):
+    """In-memory images resized/cropped per item on the CPU (e.g. CIFAR at 224×224)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable) -> None:
+        super().__init__(images, labels)
+        self.transform = transform
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.images[index]), self.labels[index]
+
+
+class FileImageDataset(Dataset):
+    """Image files decoded with PIL on access (in DataLoader workers), then transformed."""
+
+    def __init__(
+        self, paths: Sequence[str], labels: np.ndarray, transform: Callable, *, border: int = 0
+    ) -> None:
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        self.paths = list(paths)
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.transform = transform
+        self.border = border
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                if self.border:
+                    width, height = image.size
+                    image = image.crop(
+                        (self.border, self.border, width - self.border, height - self.border)
+                    )
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: not a readable image ({error})") from None
+        return self.transform(image), self.labels[index]
+
+
+def image_transform(
+    name: str, *, size: int, crop_pct: float = 0.875, interpolation: str = "bicubic"
+) -> Callable:
+    """A CPU transform from a PIL image or uint8 CHW tensor to a uint8 CHW tensor of `size`.
+
+    resize: squash to size×size (CIFAR→STL, DomainNet test, FMoW); resize_center_crop:
+    shorter side to size/crop_pct, centre crop (ImageNet test: 256 → 224);
+    random_resized_crop: RandomResizedCrop + flip (ImageNet train); resize_random_crop:
+    squash to (size/crop_pct)², random crop, flip (DomainNet train).
+    """
+    from torchvision.transforms import InterpolationMode, v2
+
+    mode = InterpolationMode(interpolation)
+    scaled = int(size / crop_pct)
+    steps = {
+        "resize": [v2.Resize((size, size), interpolation=mode, antialias=True)],
+        "resize_center_crop": [
+            v2.Resize(scaled, interpolation=mode, antialias=True),
+            v2.CenterCrop(size),
+        ],
+        "random_resized_crop": [
+            v2.RandomResizedCrop(size, interpolation=mode, antialias=True),
+            v2.RandomHorizontalFlip(),
+        ],
+        "resize_random_crop": [
+            v2.Resize((scaled, scaled), interpolation=mode, antialias=True),
+            v2.RandomCrop(size),
+            v2.RandomHorizontalFlip(),
+        ],
+    }
+    if name not in steps:
+        raise ValueError(f"unknown transform {name!r}; known: {', '.join(steps)}")
+    # PIL images become uint8 tensors first; tensors pass through PILToTensor unchanged.
+    return v2.Compose([v2.PILToTensor(), *steps[name], v2.ToDtype(torch.uint8)])
+
+
+def as_torch_dataset(split: Any, *, preprocess: Any, transform: str = "resize") -> Dataset:
+    """Any split of the registry (ImageArrays or ImageFiles) as a Dataset of
+    (uint8 CHW tensor at the backbone's input size, label); `class_subset` rides along.
+
+    `transform`: the setting's train or eval transform (see `image_transform`). In-memory
+    images already at the input size pass through untouched under `resize` (the toy data).
+    """
+    size = int(preprocess.input_size)
+    crop_pct = float(getattr(preprocess, "crop_pct", 0.875) or 0.875)
+    interpolation = str(getattr(preprocess, "interpolation", "bicubic") or "bicubic")
+    if hasattr(split, "images"):
+        _, height, width, _ = split.images.shape
+        if transform == "resize" and height == size and width == size:
+            dataset: Dataset = ArrayImageDataset(split.images, split.labels)
+        else:
+            fn = image_transform(
+                transform, size=size, crop_pct=crop_pct, interpolation=interpolation
+            )
+            dataset = TransformedArrayDataset(split.images, split.labels, fn)
+    else:
+        fn = image_transform(transform, size=size, crop_pct=crop_pct, interpolation=interpolation)
+        dataset = FileImageDataset(split.paths, split.labels, fn, border=split.border)
+    dataset.class_subset = getattr(split, "class_subset", None)
+    dataset.class_groups = getattr(split, "class_groups", None)
+    return dataset

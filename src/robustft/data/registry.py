@@ -1,17 +1,28 @@
 """The registry of settings: which splits a dataset has and how to read one.
 
 Split names: `train`, `val`, `test` are in-distribution (ID); every other split is an
-out-of-distribution (OOD) test set, named after its domain or source.
+out-of-distribution (OOD) test set, named after its domain or source. Labels of every split are
+in the setting's ID label space. A split is either `ImageArrays` (uint8 images in memory: the
+toy data, CIFAR, STL) or `ImageFiles` (paths decoded later, in DataLoader workers);
+`robustft.data.datasets.as_torch_dataset` turns either into a torch Dataset.
+
+Imported by the workflow at parse time: numpy only, no torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from robustft.data import readers
+from robustft.data.sources import SOURCES, check_layout
+
 ID_SPLITS = ("train", "val", "test")
+TRANSFORMS = ("resize", "resize_center_crop", "random_resized_crop", "resize_random_crop")
 
 
 @dataclass(frozen=True)
@@ -19,6 +30,108 @@ class ImageArrays:
     images: np.ndarray  # uint8 (N, H, W, 3)
     labels: np.ndarray  # int64 (N,)
     class_names: tuple[str, ...]
+    # ID class indices this split is scored over (argmax over these only); None = all.
+    class_subset: tuple[int, ...] | None = None
+    # Group of every ID class: a prediction is right when its group is the label's (ObjectNet:
+    # several ImageNet classes make one ObjectNet class); None = the classes themselves.
+    class_groups: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    paths: tuple[str, ...]
+    labels: np.ndarray  # int64 (N,)
+    class_names: tuple[str, ...]
+    class_subset: tuple[int, ...] | None = None
+    class_groups: tuple[int, ...] | None = None
+    border: int = 0  # pixels cropped off every side before the transform (ObjectNet: 2)
+
+
+Split = ImageArrays | ImageFiles
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A distribution-shift setting: the sources it reads, its splits and transforms."""
+
+    name: str
+    id_source: str
+    ood_sources: Mapping[str, str]  # OOD split → source it is read from
+    train_transform: str
+    eval_transform: str
+    has_val: bool = False  # False: `val` is carved from ID train (val_fraction, split_seed)
+    optional_splits: tuple[str, ...] = ()  # OOD splits used by default only if configured
+    extra_sources: tuple[str, ...] = ()  # read for every split (BREEDS class maps)
+    description: str = ""
+
+
+SETTINGS: dict[str, Setting] = {
+    setting.name: setting
+    for setting in (
+        Setting(
+            name="cifar10_stl",
+            id_source="cifar10",
+            ood_sources={"stl": "stl10"},
+            train_transform="resize",
+            eval_transform="resize",
+            description="CIFAR-10 → STL-10 test (STL→CIFAR label map, monkey dropped)",
+        ),
+        Setting(
+            name="cifar10_cifar101",
+            id_source="cifar10",
+            ood_sources={"cifar101": "cifar101"},
+            train_transform="resize",
+            eval_transform="resize",
+            description="CIFAR-10 → CIFAR-10.1 v6",
+        ),
+        *(
+            Setting(
+                name=name,
+                id_source="imagenet",
+                ood_sources={"target": "imagenet"},
+                extra_sources=("breeds",),
+                train_transform="random_resized_crop",
+                eval_transform="resize_center_crop",
+                description=f"BREEDS {title}: source → target subclasses (ImageNet train/val)",
+            )
+            for name, title in (("living17", "Living-17"), ("entity30", "Entity-30"))
+        ),
+        Setting(
+            name="domainnet",
+            id_source="domainnet",
+            ood_sources={"real": "domainnet", "painting": "domainnet", "clipart": "domainnet"},
+            train_transform="resize_random_crop",
+            eval_transform="resize",
+            description="DomainNet-40 (SENTRY mini lists): sketch → real, painting, clipart",
+        ),
+        Setting(
+            name="fmow",
+            id_source="fmow",
+            ood_sources={"africa": "fmow", "europe": "fmow"},
+            train_transform="resize",
+            eval_transform="resize",
+            has_val=True,
+            description="WILDS FMoW: region Americas → Africa (Europe logged too)",
+        ),
+        Setting(
+            name="imagenet",
+            id_source="imagenet",
+            ood_sources={
+                "v2": "imagenet_v2",
+                "r": "imagenet_r",
+                "a": "imagenet_a",
+                "sketch": "imagenet_sketch",
+                "objectnet": "objectnet",
+            },
+            optional_splits=("objectnet",),  # where paths.objectnet names a copy
+            train_transform="random_resized_crop",
+            eval_transform="resize_center_crop",
+            description="ImageNet → V2 matched-frequency, R, A, Sketch (R, A over 200 classes)",
+        ),
+    )
+}
+BUILTIN = ("toyshift", *SETTINGS)
+DEFAULT_VAL_FRACTION = 0.1
 
 
 def split_column(split: str) -> str:
@@ -26,24 +139,341 @@ def split_column(split: str) -> str:
     return f"id_{split}" if split in ID_SPLITS else f"ood_{split}"
 
 
+# --- resolving a setting from the config ------------------------------------------------
+
+
+def dataset_options(config: Mapping[str, Any], dataset: str) -> dict[str, Any]:
+    """The settings of one dataset: its `dataset_settings` entry over the registry's defaults.
+
+    Keys: type (builtin | imagefolder), ood_splits, train_transform, eval_transform,
+    val_fraction, split_seed, and for imagefolder root, splits, classes.
+    """
+    own = dict((config.get("dataset_settings") or {}).get(dataset) or {})
+    kind = own.get("type") or ("builtin" if dataset in BUILTIN else None)
+    if kind is None:
+        raise ValueError(
+            f"dataset {dataset!r} is not built in ({', '.join(BUILTIN)}); describe it under "
+            f"dataset_settings.{dataset} with type: imagefolder"
+        )
+    if kind == "builtin" and dataset not in BUILTIN:
+        raise ValueError(f"dataset_settings.{dataset}.type: {dataset!r} is not a built-in dataset")
+    options: dict[str, Any] = {
+        "type": kind,
+        "val_fraction": own.get("val_fraction") or DEFAULT_VAL_FRACTION,
+        "split_seed": int(own.get("split_seed") or 0),
+    }
+    if kind == "imagefolder":
+        splits = dict(own.get("splits") or {})
+        for required in ("train", "test"):
+            if required not in splits:
+                raise ValueError(f"dataset_settings.{dataset}.splits: no {required!r} entry")
+        if not own.get("root"):
+            raise ValueError(f"dataset_settings.{dataset}.root: required for type imagefolder")
+        ood = own.get("ood_splits")
+        ood = list(ood) if ood is not None else [s for s in splits if s not in ID_SPLITS]
+        unknown = [s for s in ood if s not in splits or s in ID_SPLITS]
+        if unknown:
+            raise ValueError(
+                f"dataset_settings.{dataset}.ood_splits: {unknown} not among its splits "
+                f"{sorted(s for s in splits if s not in ID_SPLITS)}"
+            )
+        options.update(
+            root=str(own["root"]),
+            splits={k: str(v) for k, v in splits.items()},
+            classes=list(own["classes"]) if own.get("classes") else None,
+            ood_splits=ood,
+            train_transform=own.get("train_transform") or "resize",
+            eval_transform=own.get("eval_transform") or "resize",
+        )
+        return options
+    if dataset == "toyshift":
+        options.update(ood_splits=None, train_transform="resize", eval_transform="resize")
+        return options
+    setting = SETTINGS[dataset]
+    ood = own.get("ood_splits")
+    if ood is None:
+        configured = config.get("paths") or {}
+        ood = [
+            split
+            for split, source in setting.ood_sources.items()
+            if split not in setting.optional_splits or configured.get(source)
+        ]
+    unknown = [s for s in ood if s not in setting.ood_sources]
+    if unknown:
+        raise ValueError(
+            f"dataset_settings.{dataset}.ood_splits: {unknown} not among "
+            f"{list(setting.ood_sources)}"
+        )
+    options.update(
+        ood_splits=ood,
+        train_transform=own.get("train_transform") or setting.train_transform,
+        eval_transform=own.get("eval_transform") or setting.eval_transform,
+    )
+    return options
+
+
+def dataset_sources(dataset: str, *, ood_splits: Sequence[str]) -> list[str]:
+    """The sources (download units, see `sources.SOURCES`) a setting reads."""
+    if dataset not in SETTINGS:
+        return []
+    setting = SETTINGS[dataset]
+    names = [setting.id_source, *setting.extra_sources]
+    names += [setting.ood_sources[split] for split in ood_splits]
+    return list(dict.fromkeys(names))
+
+
 def dataset_files(dataset: str, *, root: str | Path) -> dict[str, Path]:
-    """The files a dataset's reader needs, relative to its resource folder."""
+    """The files the toyshift reader needs, relative to its resource folder."""
     root = Path(root)
     if dataset == "toyshift":
         return {"task": root / "task.h5", "pretrain": root / "pretrain.h5"}
     raise ValueError(f"unknown dataset {dataset!r}; known: toyshift")
 
 
-def load_split(*, dataset: str, split: str, root: str | Path) -> ImageArrays:
-    """Images and labels of one split, labels already in the ID label space."""
+# --- loading ------------------------------------------------------------------------------
+
+
+def carve_val(labels: np.ndarray, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, val indices): a stratified random `fraction` of each class goes to val
+    (at least one image of every class with two or more), the same for the same seed."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    val = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = len(members)
+        take = min(count - 1, max(1, round(fraction * count))) if count > 1 else 0
+        val.append(rng.permutation(members)[:take])
+    val_index = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
+    train_mask = np.ones(len(labels), dtype=bool)
+    train_mask[val_index] = False
+    return np.flatnonzero(train_mask), val_index
+
+
+def take(split: Split, index: np.ndarray) -> Split:
+    if isinstance(split, ImageArrays):
+        return replace(split, images=split.images[index], labels=split.labels[index])
+    return replace(split, paths=tuple(split.paths[i] for i in index), labels=split.labels[index])
+
+
+def load_split(
+    *,
+    dataset: str,
+    split: str,
+    root: str | Path | Mapping[str, str | Path],
+    options: Mapping[str, Any] | None = None,
+) -> Split:
+    """Images and labels of one split, labels already in the ID label space.
+
+    `root`: the toyshift folder, or {source: folder} for the real settings (see
+    `sources.SOURCES`). `options`: `dataset_options(config, dataset)` (defaults if None).
+    """
     if dataset == "toyshift":
         from robustft.data import toyshift
 
-        task = dataset_files(dataset, root=root)["task"]
+        task = dataset_files(dataset, root=root)["task"]  # type: ignore[arg-type]
         arrays = toyshift.read_split(task, split)
         return ImageArrays(
             images=arrays.images,
             labels=arrays.labels,
             class_names=tuple(toyshift.class_names(task)),
         )
-    raise ValueError(f"unknown dataset {dataset!r}; known: toyshift")
+    options = dict(options or dataset_options({}, dataset))
+    if options["type"] == "imagefolder":
+        from robustft.data.imagefolder import load_imagefolder_split
+
+        return load_imagefolder_split(split=split, options=options, dataset=dataset)
+    if dataset not in SETTINGS:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(BUILTIN)}")
+    setting = SETTINGS[dataset]
+    if split not in ID_SPLITS and split not in setting.ood_sources:
+        raise ValueError(
+            f"{dataset} has no split {split!r}; splits: {[*ID_SPLITS, *setting.ood_sources]}"
+        )
+    if not isinstance(root, Mapping):
+        raise ValueError(f"{dataset}: root must map sources to folders, got {root!r}")
+    roots = {name: Path(folder) for name, folder in root.items()}
+    needed = dataset_sources(dataset, ood_splits=[split] if split in setting.ood_sources else [])
+    for source in needed:
+        if source not in roots:
+            raise ValueError(f"{dataset}: no folder given for source {source!r}")
+        check_layout(source, roots[source])
+    if split in ("train", "val") and not setting.has_val:
+        full = _READERS[dataset](split="train", roots=roots)
+        train_index, val_index = carve_val(
+            full.labels, fraction=float(options["val_fraction"]), seed=int(options["split_seed"])
+        )
+        return take(full, train_index if split == "train" else val_index)
+    return _READERS[dataset](split=split, roots=roots)
+
+
+def _cifar10(split: str, roots: Mapping[str, Path]) -> ImageArrays:
+    folder = roots["cifar10"] / "cifar-10-batches-bin"
+    files = readers.CIFAR10_TRAIN_FILES if split == "train" else readers.CIFAR10_TEST_FILES
+    images, labels = readers.read_cifar10_bin([folder / name for name in files])
+    return ImageArrays(images=images, labels=labels, class_names=readers.CIFAR10_CLASSES)
+
+
+def _cifar10_stl(*, split: str, roots: Mapping[str, Path]) -> ImageArrays:
+    if split != "stl":
+        return _cifar10(split, roots)
+    folder = roots["stl10"] / "stl10_binary"
+    images, labels = readers.read_stl10(folder / "test_X.bin", folder / "test_y.bin")
+    images, labels = readers.stl_to_cifar(images, labels)
+    return ImageArrays(images=images, labels=labels, class_names=readers.CIFAR10_CLASSES)
+
+
+def _cifar10_cifar101(*, split: str, roots: Mapping[str, Path]) -> ImageArrays:
+    if split != "cifar101":
+        return _cifar10(split, roots)
+    folder = roots["cifar101"]
+    images, labels = readers.read_npy_pair(
+        folder / "cifar10.1_v6_data.npy", folder / "cifar10.1_v6_labels.npy"
+    )
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{folder / 'cifar10.1_v6_labels.npy'}: labels must be 0..9")
+    return ImageArrays(images=images, labels=labels, class_names=readers.CIFAR10_CLASSES)
+
+
+DOMAINNET_ID_DOMAIN = "sketch"
+
+
+def _domainnet(*, split: str, roots: Mapping[str, Path]) -> ImageFiles:
+    root = roots["domainnet"]
+    domain, part = (DOMAINNET_ID_DOMAIN, split) if split in ID_SPLITS else (split, "test")
+    images, names = readers.read_sentry_list(
+        root / "txt" / f"{domain}_{part}_mini.txt", image_root=root
+    )
+    # The class names come from the ID training list, so that every split agrees on them.
+    _, id_names = readers.read_sentry_list(
+        root / "txt" / f"{DOMAINNET_ID_DOMAIN}_train_mini.txt", image_root=root
+    )
+    for label, name in names.items():
+        if id_names.get(label) != name:
+            raise ValueError(
+                f"{root / 'txt' / f'{domain}_{part}_mini.txt'}: id {label} is {name!r} here "
+                f"but {id_names.get(label)!r} in the sketch training list"
+            )
+    count = max(id_names) + 1
+    class_names = tuple(id_names.get(i, f"class_{i}") for i in range(count))
+    return ImageFiles(paths=images.paths, labels=images.labels, class_names=class_names)
+
+
+def imagenet_wnids(root: str | Path) -> list[str]:
+    """ImageNet's classes in the usual order (sorted wnids of `train/`)."""
+    return readers.list_class_folders(Path(root) / "train")
+
+
+def _imagenet(*, split: str, roots: Mapping[str, Path]) -> ImageFiles:
+    wnids = imagenet_wnids(roots["imagenet"])
+    index = {wnid: i for i, wnid in enumerate(wnids)}
+    names = tuple(wnids)
+    if split in ID_SPLITS:
+        folder = roots["imagenet"] / ("train" if split == "train" else "val")
+        images = readers.read_class_folders(folder, class_to_label=index)
+        return ImageFiles(paths=images.paths, labels=images.labels, class_names=names)
+    source = SETTINGS["imagenet"].ood_sources[split]
+    folder = roots[source] / SOURCES[source].image_folder
+    if split == "objectnet":
+        return _objectnet(folder=roots[source], wnids=wnids)
+    if split == "v2":
+        # ImageNet-V2 folders are class indices 0..999, not wnids.
+        images = readers.read_class_folders(
+            folder, class_to_label={str(i): i for i in range(len(wnids))}
+        )
+        return ImageFiles(paths=images.paths, labels=images.labels, class_names=names)
+    present = readers.list_class_folders(folder)
+    unknown = [wnid for wnid in present if wnid not in index]
+    if unknown:
+        raise ValueError(f"{folder / unknown[0]}: not an ImageNet class of {roots['imagenet']}")
+    images = readers.read_class_folders(folder, class_to_label=index)
+    # ImageNet-R and -A hold 200 classes and are scored over those only.
+    subset = tuple(sorted(index[w] for w in present)) if len(present) < len(wnids) else None
+    return ImageFiles(
+        paths=images.paths, labels=images.labels, class_names=names, class_subset=subset
+    )
+
+
+def _objectnet(*, folder: Path, wnids: Sequence[str]) -> ImageFiles:
+    """ObjectNet's 113 ImageNet-overlapping classes, scored as WiSE-FT does: argmax over the
+    ImageNet classes they map to, right when that class belongs to the image's ObjectNet
+    class. Labels are in ImageNet's space: each image gets one ImageNet class of its group."""
+    groups = readers.read_objectnet_groups(folder / "objectnet-1.0" / "mappings")
+    if len(wnids) != 1000:
+        raise ValueError(
+            f"ObjectNet maps onto the 1000 ImageNet classes; {len(wnids)} class folders found"
+        )
+    group_of = [-1] * len(wnids)
+    for number, (_, ids) in enumerate(groups):
+        for index in ids:
+            if group_of[index] < 0:  # a class in two groups counts for the first (as WiSE-FT)
+                group_of[index] = number
+    images_root = folder / "objectnet-1.0" / "images"
+    paths, labels = [], []
+    for number, (folder_name, ids) in enumerate(groups):
+        own = [index for index in ids if group_of[index] == number]
+        if not own:
+            continue  # every class of this group counts for an earlier one: never right
+        files = sorted(str(p) for p in (images_root / folder_name).iterdir() if readers.is_image(p))
+        paths += files
+        labels += [own[0]] * len(files)
+    subset = tuple(sorted({index for _, ids in groups for index in ids}))
+    return ImageFiles(
+        paths=tuple(paths),
+        labels=np.asarray(labels, dtype=np.int64),
+        class_names=tuple(wnids),
+        class_subset=subset,
+        class_groups=tuple(g if g >= 0 else len(groups) + i for i, g in enumerate(group_of)),
+        border=2,  # ObjectNet images carry a 1-pixel red border
+    )
+
+
+def _breeds(name: str):
+    def read(*, split: str, roots: Mapping[str, Path]) -> ImageFiles:
+        wnids = imagenet_wnids(roots["imagenet"])
+        class_map = readers.read_breeds_class_map(
+            roots["breeds"] / f"{name}.json", imagenet_wnids=wnids
+        )
+        subclasses = class_map.target if split == "target" else class_map.source
+        to_label = {wnid: label for label, group in enumerate(subclasses) for wnid in group}
+        missing = sorted(set(to_label) - set(wnids))
+        if missing:
+            raise ValueError(
+                f"{roots['breeds'] / f'{name}.json'}: {missing[0]} is not a class of "
+                f"{roots['imagenet'] / 'train'}"
+            )
+        folder = roots["imagenet"] / ("train" if split == "train" else "val")
+        images = readers.read_class_folders(folder, class_to_label=to_label, strict=False)
+        return ImageFiles(paths=images.paths, labels=images.labels, class_names=class_map.names)
+
+    return read
+
+
+FMOW_ID_REGION = "Americas"
+FMOW_SPLITS = {  # our split → (WILDS split, region)
+    "train": ("train", FMOW_ID_REGION),
+    "val": ("id_val", FMOW_ID_REGION),
+    "test": ("val", FMOW_ID_REGION),
+    "africa": ("val", "Africa"),
+    "europe": ("val", "Europe"),
+}
+
+
+def _fmow(*, split: str, roots: Mapping[str, Path]) -> ImageFiles:
+    wilds_split, region = FMOW_SPLITS[split]
+    images = readers.read_fmow_split(roots["fmow"], wilds_split=wilds_split, region=region)
+    if not images.paths:
+        raise ValueError(f"{roots['fmow']}: no images in WILDS split {wilds_split} of {region}")
+    return ImageFiles(paths=images.paths, labels=images.labels, class_names=readers.FMOW_CATEGORIES)
+
+
+_READERS = {
+    "cifar10_stl": _cifar10_stl,
+    "cifar10_cifar101": _cifar10_cifar101,
+    "living17": _breeds("living17"),
+    "entity30": _breeds("entity30"),
+    "domainnet": _domainnet,
+    "fmow": _fmow,
+    "imagenet": _imagenet,
+}
