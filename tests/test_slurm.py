@@ -34,7 +34,13 @@ STATUS_DELAY = 5
 # Snakemake under a hard bound: SIGKILL, because a waiting Snakemake ignores SIGTERM.
 BOUNDED_SNAKEMAKE = ["timeout", "-s", "KILL", str(RUN_TIMEOUT), *SNAKEMAKE]
 # The stages that ask for a GPU when the config says so, and their rules.
-GPU_RULES = {"features": "extract_features", "finetune": "finetune"}
+# Stage of the config's `resources:` → the rules that take their resources from it.
+GPU_RULES = {
+    "features": ("extract_features", "feature_distortion"),
+    "finetune": ("finetune", "train_baseline"),
+}
+GPU_RULE_NAMES = {rule for rules in GPU_RULES.values() for rule in rules}
+PAPER = ROOT / "configs" / "paper.yaml"
 
 
 def _run(command, timeout=60, **kwargs):
@@ -302,10 +308,28 @@ def test_slurm_dry_run_asks_for_gpus_on_the_gpu_rules_only(tmp_path, gpu):
     )
     assert result.returncode == 0, result.stderr[-5000:]
     jobs = _dry_run_resources(result.stdout)
-    assert {rule for rule, _ in jobs} >= {*GPU_RULES.values(), "fit_probe", "summary_table"}
+    assert {rule for rule, _ in jobs} >= {*GPU_RULE_NAMES, "fit_probe", "summary_table"}
     for rule, resources in jobs:
-        wanted = str(gpu) if gpu and rule in GPU_RULES.values() else None
+        wanted = str(gpu) if gpu and rule in GPU_RULE_NAMES else None
         assert resources.get("gpu") == wanted, (rule, resources)
         assert "gpu_model" not in resources, (rule, resources)
         assert resources["cpus_per_task"] == "1", (rule, resources)  # = threads of tiny.yaml
         assert resources["slurm_partition"] == "EDIT_ME_partition", (rule, resources)
+
+
+@pytest.mark.workflow
+def test_slurm_dry_run_of_the_paper_config_asks_for_gpus_on_the_gpu_rules_only(tmp_path):
+    """No data, no weights, no GPU here: the dry run still lists every job and its request."""
+    result = _run(
+        [*SNAKEMAKE, "-n", "--profile", str(PROFILE.parent), "--configfile", str(PAPER)],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    jobs = _dry_run_resources(result.stdout)
+    rules = {rule for rule, _ in jobs}
+    assert rules >= {*GPU_RULE_NAMES, "fit_probe", "download_dataset", "fetch_backbone"}
+    for rule, resources in jobs:
+        if rule in GPU_RULE_NAMES:
+            assert resources.get("gpu") == "1", (rule, resources)
+        else:
+            assert "gpu" not in resources and "gpu_model" not in resources, (rule, resources)
