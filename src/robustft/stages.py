@@ -22,7 +22,12 @@ import torch
 from robustft import __version__
 from robustft.data.datasets import ArrayImageDataset
 from robustft.data.registry import ID_SPLITS, ImageArrays, load_split, split_column
-from robustft.features import extract_features, write_features
+from robustft.features import (
+    extract_features,
+    resolve_num_workers,
+    resolve_precision,
+    write_features,
+)
 from robustft.io import write_csv, write_json
 from robustft.models import (
     ImageClassifier,
@@ -149,6 +154,9 @@ def extract_split(
     backbone_name: str,
     batch_size: int = 256,
     device: str = "cpu",
+    num_workers: int | str = "auto",
+    precision: str = "auto",
+    threads: int = 1,
     progress: bool = True,
 ) -> None:
     """Frozen, eval-mode penultimate features of one split into an HDF5 file."""
@@ -157,11 +165,14 @@ def extract_split(
     model = ImageClassifier(
         backbone=backbone, num_classes=len(arrays.class_names), preprocess=preprocess
     )
+    precision = resolve_precision(precision, device)
     features, labels = extract_features(
         model,
         _dataset(arrays),
         batch_size=batch_size,
         device=device,
+        num_workers=resolve_num_workers(num_workers, device=device, threads=threads),
+        precision=precision,
         progress=progress,
     )
     write_features(
@@ -174,8 +185,10 @@ def extract_split(
             "dataset": dataset,
             "split": split,
             "num_classes": len(arrays.class_names),
-            "preprocessing": f"to float in [0,1]; normalise mean={list(preprocess.mean)} "
-            f"std={list(preprocess.std)}; no augmentation",
+            "preprocessing": f"input {preprocess.input_size}px (crop_pct {preprocess.crop_pct}, "
+            f"{preprocess.interpolation}); to float in [0,1]; normalise "
+            f"mean={list(preprocess.mean)} std={list(preprocess.std)}; no augmentation",
+            "precision": precision,
         },
     )
 

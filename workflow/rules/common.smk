@@ -31,6 +31,11 @@ except ConfigError as error:
 TOYSHIFT_DOMAINS = ("real", "clipart", "sketch", "painting")
 FINETUNE_METHODS = [method for method in config["methods"] if method != "lp"]
 LOGS = "results/logs"
+MODELS = "resources/models"
+# Downloaded weights, in the Hugging Face cache layout (HF_HUB_CACHE=resources/models/hub).
+HF_CACHE = f"{MODELS}/hub"
+TOY_BACKBONE = "toyresnet"
+FETCHED_BACKBONES = [name for name in config["backbones"] if name != TOY_BACKBONE]
 BENCHMARKS = "results/benchmarks"
 
 
@@ -62,8 +67,17 @@ def get_data_root(wildcards):
 
 
 def get_backbone_files(wildcards):
-    folder = f"resources/models/{wildcards.backbone}"
-    return {"weights": f"{folder}/model.safetensors", "meta": f"{folder}/meta.json"}
+    """The toy's files (pretrain_backbone), or the meta.json that fetch_backbone writes last;
+    jobs find the weights file through meta.json either way."""
+    folder = f"{MODELS}/{wildcards.backbone}"
+    if wildcards.backbone == TOY_BACKBONE:
+        return {"weights": f"{folder}/model.safetensors", "meta": f"{folder}/meta.json"}
+    return {"meta": f"{folder}/meta.json"}
+
+
+def get_backbone_options(backbone):
+    """The `backbone_options` entry of a backbone (fetch_backbone's params)."""
+    return dict(config["backbone_options"].get(backbone) or {})
 
 
 def get_lr_grid(method):

@@ -19,6 +19,8 @@ rule extract_features:
     params:
         data_root=get_data_root,
         batch_size=config["features"]["batch_size"],
+        num_workers=config["features"]["num_workers"],
+        precision=config["features"]["precision"],
         device=config["device"],
         progress=config["progress"],
     script:

@@ -1,4 +1,11 @@
-# Backbones: the toy ResNet is pretrained inside the workflow on the toyshift pool.
+# Backbones: the toy ResNet is pretrained inside the workflow on the toyshift pool; every
+# other backbone is fetched once, on the machine Snakemake runs on (a login node with internet
+# access), into resources/models/, from where GPU jobs load it offline.
+
+
+localrules:
+    fetch_backbone,
+    fetch_backbones,
 
 
 rule pretrain_backbone:
@@ -23,3 +30,26 @@ rule pretrain_backbone:
         progress=config["progress"],
     script:
         "../scripts/pretrain_backbone.py"
+
+
+rule fetch_backbone:
+    output:
+        meta=f"{MODELS}/{{backbone}}/meta.json",
+    log:
+        f"{LOGS}/fetch_backbone/{{backbone}}.log",
+    wildcard_constraints:
+        backbone=_alternatives(FETCHED_BACKBONES),
+    conda:
+        "../../envs/torch.yaml"
+    params:
+        options=lambda wildcards: get_backbone_options(wildcards.backbone),
+        cache_dir=HF_CACHE,
+        progress=config["progress"],
+    script:
+        "../scripts/fetch_backbone.py"
+
+
+rule fetch_backbones:
+    # The one command for a login node: snakemake fetch_backbones --cores 1
+    input:
+        expand(f"{MODELS}/{{backbone}}/meta.json", backbone=FETCHED_BACKBONES),

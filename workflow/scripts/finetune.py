@@ -9,7 +9,7 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         method=snakemake.wildcards.method,
         dataset=snakemake.wildcards.dataset,
         data_root=snakemake.params.data_root,
-        model_dir=Path(snakemake.input.weights).parent,
+        model_dir=Path(snakemake.input.meta).parent,
         probe_dir=Path(probe_head).parent if probe_head else None,
         out_dir=Path(snakemake.output.metrics).parent,
         ood_splits=snakemake.params.ood_splits,

@@ -13,7 +13,6 @@ imported inside functions: the probe and report jobs import this package and nee
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -90,6 +89,21 @@ def timm_preprocess(model: nn.Module) -> Preprocess:
         crop_pct=float(config.get("crop_pct") or 1.0),
         interpolation=str(config.get("interpolation") or "bilinear"),
     )
+
+
+class ImageClassifier(nn.Module):
+    def __init__(self, *, backbone: nn.Module, num_classes: int, preprocess: Preprocess) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_features, num_classes)
+        self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone((images - self.mean) / self.std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
 
 
 class TimmBackbone(nn.Module):
@@ -322,8 +336,3 @@ def save_model(model: nn.Module, path: str | Path) -> None:
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp))
-
-
-def is_valid_backbone_name(name: str) -> bool:
-    """Names usable in paths: letters, digits, `_`, `-`, and dots between them (timm tags)."""
-    return re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", name) is not None and ".." not in name
