@@ -160,8 +160,9 @@ def extract_split(
     progress: bool = True,
 ) -> None:
     """Frozen, eval-mode penultimate features of one split into an HDF5 file."""
-    arrays = load_split(dataset=dataset, split=split, root=data_root)
+    # The backbone first: a missing weight cache fails at once, before a dataset is read.
     backbone, preprocess, meta = load_backbone(model_dir)
+    arrays = load_split(dataset=dataset, split=split, root=data_root)
     model = ImageClassifier(
         backbone=backbone, num_classes=len(arrays.class_names), preprocess=preprocess
     )
@@ -225,12 +226,12 @@ def run_finetune(
     resolved_config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the whole network (FT: new random head; LP-FT: head from the probe)."""
+    backbone, preprocess, _ = load_backbone(model_dir)  # first: fail at once without weights
     splits = {
         split: load_split(dataset=dataset, split=split, root=data_root)
         for split in (*ID_SPLITS, *ood_splits)
     }
     num_classes = len(splits["train"].class_names)
-    backbone, preprocess, _ = load_backbone(model_dir)
     torch.manual_seed(seed)  # the new head's initialisation depends on the seed only
     model = ImageClassifier(backbone=backbone, num_classes=num_classes, preprocess=preprocess)
     if method in METHODS_WITH_PROBE_HEAD:

@@ -13,6 +13,7 @@ imported inside functions: the probe and report jobs import this package and nee
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -265,7 +266,8 @@ def write_meta(
 def weights_path(model_dir: str | Path, meta: dict[str, Any]) -> Path:
     """The weights file a meta.json names (toy meta.json files before this key: the default)."""
     file = Path(meta.get("weights", {}).get("file", WEIGHTS_FILE))
-    return file if file.is_absolute() else Path(model_dir) / file
+    # normpath: `models/x/../hub/...` → `models/hub/...`, for readable error messages.
+    return file if file.is_absolute() else Path(os.path.normpath(Path(model_dir) / file))
 
 
 def load_backbone(model_dir: str | Path) -> tuple[nn.Module, Preprocess, dict[str, Any]]:
