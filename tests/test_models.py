@@ -371,3 +371,46 @@ def test_lpft_starts_with_the_accuracy_of_the_probe(tmp_path):
     for column in ["id_val", "id_test", *(f"ood_{split}" for split in ood)]:
         assert before[column] == pytest.approx(probe[column]), column
     assert np.isfinite(before["id_val"])
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+def validate(**overrides):
+    from robustft.config import load_schema, validate_config
+
+    root = Path(__file__).resolve().parents[1]
+    schema = load_schema(root / "workflow" / "schemas" / "config.schema.yaml")
+    return validate_config({"backbones": ["toyresnet"], **overrides}, schema)
+
+
+def test_backbone_options_get_their_defaults():
+    config = validate(
+        backbones=["toyresnet", "resnet50.tv_in1k"],
+        backbone_options={"resnet50.tv_in1k": {"weights": "/w/rn50.safetensors"}},
+    )
+    assert config["backbone_options"]["resnet50.tv_in1k"] == {
+        "weights": "/w/rn50.safetensors",
+        "url": None,
+        "sha256": None,
+        "embedding": "auto",
+    }
+    assert config["features"]["num_workers"] == "auto"
+    assert config["features"]["precision"] == "auto"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"backbone_options": {"x": {"weight": "/w"}}}, "'weight' under 'backbone_options.x'"),
+        ({"backbone_options": {"x": {"embedding": "cls"}}}, "backbone_options.x.embedding"),
+        ({"backbones": ["resnet50/../../etc"]}, "backbones[0]"),
+        ({"features": {"num_workers": -1}}, "features.num_workers"),
+    ],
+)
+def test_bad_backbone_config_is_one_line_naming_the_key(overrides, named):
+    from robustft.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        validate(**overrides)
+    assert named in str(info.value) and "\n" not in str(info.value)

@@ -125,6 +125,9 @@ class TimmBackbone(nn.Module):
             model.reset_classifier(0)
             self.num_features = int(model.num_features)
         else:
+            if not getattr(model, "num_classes", 0):
+                name = getattr(model, "pretrained_cfg", {}).get("architecture", "this model")
+                raise ValueError(f"{name} has no pretrained head to keep as a projection")
             self.num_features = int(model.num_classes)
         self.num_classes = 0
 
@@ -302,6 +305,11 @@ def load_backbone(model_dir: str | Path) -> tuple[nn.Module, Preprocess, dict[st
         backbone = create_timm_backbone(
             name=meta["architecture"], weights_file=weights, **meta["kwargs"]
         )
+        if backbone.num_features != meta["num_features"]:
+            raise ValueError(
+                f"{meta_path}: {meta['architecture']} gives {backbone.num_features} features, "
+                f"meta.json says {meta['num_features']} (fetched with another timm version?)"
+            )
     elif weights_format == FORMAT_STATE_DICT:
         backbone = build_backbone(architecture=meta["architecture"], kwargs=meta["kwargs"])
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ MOCO_V2_URL = (
     "moco_v2_800ep_pretrain.pth.tar"
 )
 MOCO_PREFIX = "module.encoder_q."
+DOWNLOAD_TIMEOUT_S = 60
 # MoCo-v2 trains a torchvision ResNet-50, whose key names and evaluation preprocessing
 # (resize 256, centre crop 224, bilinear, ImageNet mean/std) timm's `resnet50.tv_in1k` shares.
 MOCO_ARCHITECTURE = "resnet50.tv_in1k"
@@ -222,10 +224,15 @@ def _fetch_moco_v2(
         from timm.models._hub import download_cached_file
 
         url = options.url or MOCO_V2_URL
+        # urllib waits forever by default; a stalled connection should end the fetch.
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         try:
             path = Path(download_cached_file(url, progress=progress, cache_dir=cache_dir))
         except Exception as error:  # urllib raises URLError, HTTPError, OSError, timeouts
             raise _download_error(MOCO_V2_BACKBONE, error) from None
+        finally:
+            socket.setdefaulttimeout(previous)
         source = {"kind": "url", "url": url}
     source["sha256"] = _check_sha256(path, options.sha256)
     backbone = load_moco_v2(path)
