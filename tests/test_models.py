@@ -309,7 +309,8 @@ TINY_TOYSHIFT = {
 
 def test_lpft_starts_with_the_accuracy_of_the_probe(tmp_path):
     """The LP-FT model before any update (history row 0) has the probe's accuracy on every
-    split: the probe's head, mapped back to the raw feature scale, is copied into the model."""
+    split: the probe's head, mapped back to the raw feature scale, is copied into the model.
+    ResNet-50 (random weights) as in the paper; 32×32 toyshift images keep it fast."""
     from robustft.data.registry import ID_SPLITS
     from robustft.probe import run_probe
     from robustft.stages import extract_split, run_finetune
@@ -319,11 +320,11 @@ def test_lpft_starts_with_the_accuracy_of_the_probe(tmp_path):
         pretrain_path=data / "pretrain.h5", task_path=data / "task.h5", seed=0, **TINY_TOYSHIFT
     )
     torch.manual_seed(0)
-    weights = tmp_path / "rn18.pth"
-    torch.save(timm.create_model("resnet18.tv_in1k", pretrained=False).state_dict(), weights)
-    model_dir = tmp_path / "resources" / "models" / "resnet18.tv_in1k"
+    weights = tmp_path / "rn50.pth"
+    torch.save(timm.create_model("resnet50.tv_in1k", pretrained=False).state_dict(), weights)
+    model_dir = tmp_path / "resources" / "models" / "resnet50.tv_in1k"
     fetch_backbone(
-        name="resnet18.tv_in1k",
+        name="resnet50.tv_in1k",
         out_dir=model_dir,
         cache_dir=tmp_path / "hub",
         options={"weights": str(weights)},
@@ -338,7 +339,7 @@ def test_lpft_starts_with_the_accuracy_of_the_probe(tmp_path):
             data_root=data,
             model_dir=model_dir,
             out_path=features[split],
-            backbone_name="resnet18.tv_in1k",
+            backbone_name="resnet50.tv_in1k",
             batch_size=16,
             progress=False,
         )
