@@ -148,7 +148,7 @@ def default_embedding(name: str, pretrained_num_classes: int) -> str:
     return "projected" if is_clip and not fine_tuned and pretrained_num_classes > 0 else "pooled"
 
 
-def _pretrained_num_classes(name: str) -> int:
+def pretrained_num_classes(name: str) -> int:
     import timm
 
     cfg = timm.models.get_pretrained_cfg(name)
@@ -159,7 +159,7 @@ def _resolve_embedding(name: str, embedding: str) -> str:
     if embedding not in EMBEDDINGS:
         raise ValueError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got {embedding!r}")
     if embedding == "auto":
-        return default_embedding(name, _pretrained_num_classes(name))
+        return default_embedding(name, pretrained_num_classes(name))
     return embedding
 
 
@@ -175,7 +175,7 @@ def create_timm_backbone(
     import timm
 
     embedding = _resolve_embedding(name, embedding)
-    kwargs: dict[str, Any] = {"num_classes": _pretrained_num_classes(name)}
+    kwargs: dict[str, Any] = {"num_classes": pretrained_num_classes(name)}
     if weights_file is not None:
         weights_file = Path(weights_file)
         if not weights_file.is_file():

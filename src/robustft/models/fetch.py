@@ -26,9 +26,9 @@ from robustft.models import (
     MOCO_V2_BACKBONE,
     TOY_BACKBONE,
     TimmBackbone,
-    _pretrained_num_classes,
     create_timm_backbone,
     load_state,
+    pretrained_num_classes,
     save_backbone,
     timm_preprocess,
     write_meta,
@@ -135,7 +135,7 @@ def _download_timm(*, name: str, cache_dir: Path) -> tuple[Path, dict[str, Any]]
 
     try:
         model = timm.create_model(
-            name, pretrained=True, num_classes=_pretrained_num_classes(name), cache_dir=cache_dir
+            name, pretrained=True, num_classes=pretrained_num_classes(name), cache_dir=cache_dir
         )
     except RuntimeError as error:
         if "Unknown model" in str(error) or "Invalid pretrained tag" in str(error):
