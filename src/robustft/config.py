@@ -5,12 +5,17 @@ Imported by the Snakefile at parse time, so it must stay light (no torch, no skl
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
+
+# Backbone names become folder names and Snakemake wildcards: timm names with their
+# pretrained tag (`resnet50.tv_in1k`), no slashes, no `..`.
+BACKBONE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
 
 class ConfigError(ValueError):
@@ -155,6 +160,12 @@ def _check_cross_references(config: dict[str, Any]) -> None:
                     f"config key 'dataset_settings.{dataset}.finetune.{method}.lr_grid': "
                     f"duplicate learning rate in {grid}"
                 )
+    for index, name in enumerate(config["backbones"]):
+        if not BACKBONE_NAME.fullmatch(name) or ".." in name:
+            raise ConfigError(
+                f"config key 'backbones[{index}]': {name!r} is not a backbone name (toyresnet, "
+                "moco_v2_resnet50, or a timm model name such as resnet50.tv_in1k)"
+            )
     if len(set(config["seeds"])) != len(config["seeds"]):
         raise ConfigError(f"config key 'seeds': duplicate seed in {config['seeds']}")
     toyshift = config.get("toyshift")

@@ -25,6 +25,32 @@ class FeatureSet:
     attrs: dict[str, Any]
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto` → bf16 on a GPU (tensor cores; features are stored as float32 anyway), fp32 on
+    a CPU (where bf16 is slower and would change the toy's results)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if str(device).startswith("cuda") else "fp32"
+    return precision
+
+
+def resolve_num_workers(num_workers: int | str, *, device: str, threads: int) -> int:
+    """`auto` → 0 on a CPU (workers would compete with the model for the job's cores),
+    one per thread of the job on a GPU."""
+    if num_workers == "auto":
+        return max(1, threads) if str(device).startswith("cuda") else 0
+    try:
+        value = int(num_workers)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"num_workers must be auto or an integer ≥ 0, got {num_workers!r}"
+        ) from None
+    if value < 0:
+        raise ValueError(f"num_workers must be auto or an integer ≥ 0, got {num_workers!r}")
+    return value
+
+
 def extract_features(
     model: torch.nn.Module,
     dataset: Dataset,
@@ -32,9 +58,15 @@ def extract_features(
     batch_size: int = 256,
     device: str = "cpu",
     num_workers: int = 0,
+    precision: str = "auto",
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Features (float32 N×D) from `model.features` in eval mode, and the labels."""
+    """Features (float32 N×D) from `model.features` in eval mode, and the labels.
+
+    The device is kept busy: worker processes batch uint8 images into pinned memory while the
+    model runs, copies to a GPU are asynchronous, and a GPU computes in channels-last bf16
+    (`precision="auto"`); features go back as float32 into one preallocated array.
+    """
     # torch is imported here, not at the top: reading features (the probe) needs no torch.
     import torch
     from torch.utils.data import DataLoader
@@ -42,24 +74,49 @@ def extract_features(
 
     from robustft.data.datasets import memory_format, to_float
 
+    on_gpu = str(device).startswith("cuda")
+    precision = resolve_precision(precision, device)
     model.eval().to(device=device, memory_format=memory_format(device))
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        pin_memory=device.startswith("cuda"),
+        pin_memory=on_gpu,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
     )
-    features, labels = [], []
+    count = len(dataset)  # type: ignore[arg-type]
+    features: np.ndarray | None = None
+    labels = np.empty(count, dtype=np.int64)
+    start = 0
     bar = tqdm(
-        loader, disable=not progress, desc="features", unit="batch", mininterval=2.0, ascii=True
+        total=count,
+        disable=not progress,
+        desc="features",
+        unit="img",
+        mininterval=2.0,
+        ascii=True,
     )
-    with torch.inference_mode():
-        for images, targets in bar:
+    autocast = torch.autocast(
+        device_type="cuda" if on_gpu else "cpu",
+        dtype=torch.bfloat16,
+        enabled=precision == "bf16",
+    )
+    with torch.inference_mode(), autocast, bar:
+        for images, targets in loader:
             batch = to_float(images.to(device, non_blocking=True))
-            features.append(model.features(batch).float().cpu())
-            labels.append(targets)
-    return torch.cat(features).numpy(), torch.cat(labels).numpy().astype(np.int64)
+            out = model.features(batch).float().cpu().numpy()
+            if features is None:
+                features = np.empty((count, out.shape[1]), dtype=np.float32)
+            stop = start + len(out)
+            features[start:stop] = out
+            labels[start:stop] = targets.numpy()
+            start = stop
+            bar.update(len(out))
+    if features is None:
+        raise ValueError("no images to extract features from")
+    return features, labels
 
 
 def write_features(

@@ -60,13 +60,27 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def set_hf_offline() -> None:
+    """HF_HUB_OFFLINE=1 for this process and its children, also if huggingface_hub (which
+    reads the variable once, at import) is already imported."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+
+
 @contextlib.contextmanager
-def job(*, log_path: str | Path | None, threads: int | None = None) -> Iterator[None]:
+def job(
+    *, log_path: str | Path | None, threads: int | None = None, offline: bool = True
+) -> Iterator[None]:
     """Run a workflow step: output and progress bars go to `log_path`; `threads` (for torch
     steps) caps torch's thread pools so that parallel jobs do not oversubscribe the cores and
-    makes torch deterministic; a failure writes its traceback to the log and one line to the
-    terminal, and exits non-zero. SIGTERM ends the job with exit code 143 (after the code
-    inside saved what it can; see `sigterm_deferred`)."""
+    makes torch deterministic; `offline` forbids Hugging Face Hub calls (compute nodes may have
+    no network, and a job must fail at once rather than hang on one); a failure writes its
+    traceback to the log and one line to the terminal, and exits non-zero. SIGTERM ends the
+    job with exit code 143 (after the code inside saved what it can; see `sigterm_deferred`)."""
+    if offline:
+        set_hf_offline()
     original_stderr = sys.stderr
     handle = open(log_path, "w", encoding="utf-8", buffering=1) if log_path else None  # noqa: SIM115
     if handle:

@@ -25,7 +25,12 @@ from robustft import __version__
 from robustft.data.datasets import ArrayImageDataset, as_torch_dataset, train_transform
 from robustft.data.registry import ID_SPLITS, ImageArrays, load_split, split_column, take
 from robustft.evaluate import accuracy
-from robustft.features import extract_features, write_features
+from robustft.features import (
+    extract_features,
+    resolve_num_workers,
+    resolve_precision,
+    write_features,
+)
 from robustft.io import sha256_file, write_csv, write_json
 from robustft.models import (
     ImageClassifier,
@@ -152,27 +157,32 @@ def extract_split(
     backbone_name: str,
     batch_size: int = 256,
     device: str = "cpu",
+    num_workers: int | str = "auto",
+    precision: str = "auto",
+    threads: int = 1,
     progress: bool = True,
     data_options: Mapping[str, Any] | None = None,
-    num_workers: int = 0,
 ) -> None:
     """Frozen, eval-mode penultimate features of one split into an HDF5 file.
 
     `data_root`: the toyshift folder or {source: folder}; `data_options`:
     `registry.dataset_options` (eval transform, val carving, imagefolder layout).
     """
-    arrays = load_split(dataset=dataset, split=split, root=data_root, options=data_options)
+    # The backbone first: a missing weight cache fails at once, before a dataset is read.
     backbone, preprocess, meta = load_backbone(model_dir)
+    arrays = load_split(dataset=dataset, split=split, root=data_root, options=data_options)
     model = ImageClassifier(
         backbone=backbone, num_classes=len(arrays.class_names), preprocess=preprocess
     )
     transform = (data_options or {}).get("eval_transform", "resize")
+    precision = resolve_precision(precision, device)
     features, labels = extract_features(
         model,
         as_torch_dataset(arrays, preprocess=preprocess, transform=transform),
         batch_size=batch_size,
         device=device,
-        num_workers=num_workers,
+        num_workers=resolve_num_workers(num_workers, device=device, threads=threads),
+        precision=precision,
         progress=progress,
     )
     # Scoring hooks for the probe (ImageNet-R/A subsets, ObjectNet groups).
@@ -191,8 +201,10 @@ def extract_split(
             "dataset": dataset,
             "split": split,
             "num_classes": len(arrays.class_names),
-            "preprocessing": f"{transform} to {preprocess.input_size}; to float in [0,1]; "
-            f"normalise mean={list(preprocess.mean)} std={list(preprocess.std)}; no augmentation",
+            "preprocessing": f"{transform} to {preprocess.input_size}px (crop_pct "
+            f"{preprocess.crop_pct}, {preprocess.interpolation}); to float in [0,1]; normalise "
+            f"mean={list(preprocess.mean)} std={list(preprocess.std)}; no augmentation",
+            "precision": precision,
             **subset,
         },
     )
@@ -247,13 +259,13 @@ def run_finetune(
     outputs are written. Keep it out of the job's declared outputs (Snakemake deletes those
     when a job fails).
     """
+    backbone, preprocess, backbone_meta = load_backbone(model_dir)  # first: fail at once
     splits = {
         split: load_split(dataset=dataset, split=split, root=data_root, options=data_options)
         for split in (*ID_SPLITS, *ood_splits)
     }
     options = data_options or {}
     num_classes = len(splits["train"].class_names)
-    backbone, preprocess, backbone_meta = load_backbone(model_dir)
     torch.manual_seed(seed)  # the new head's initialisation depends on the seed only
     model = ImageClassifier(backbone=backbone, num_classes=num_classes, preprocess=preprocess)
     if method in METHODS_WITH_PROBE_HEAD:
@@ -476,7 +488,9 @@ def feature_distortion(
     runs: Sequence[Mapping[str, Any]],
     data_options: Mapping[str, Any] | None = None,
     batch_size: int = 256,
-    num_workers: int = 0,
+    num_workers: int | str = "auto",
+    precision: str = "auto",
+    threads: int = 1,
     device: str = "cpu",
     progress: bool = True,
 ) -> list[dict[str, Any]]:
@@ -517,7 +531,8 @@ def feature_distortion(
                 as_torch_dataset(arrays, preprocess=preprocess, transform=eval_transform),
                 batch_size=batch_size,
                 device=device,
-                num_workers=num_workers,
+                num_workers=resolve_num_workers(num_workers, device=device, threads=threads),
+                precision=resolve_precision(precision, device),
                 progress=progress,
             )
             if after.shape != before[split].features.shape:

@@ -100,6 +100,7 @@ rule feature_distortion:
         data_options=get_data_options("features"),
         batch_size=config["features"]["batch_size"],
         num_workers=config["features"]["num_workers"],
+        precision=config["features"]["precision"],
         device=config["device"],
         progress=config["progress"],
     script:

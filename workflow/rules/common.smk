@@ -47,6 +47,10 @@ for _dataset, _options in DATASET_OPTIONS.items():
 TOYSHIFT_DOMAINS = ("real", "clipart", "sketch", "painting")
 FINETUNE_METHODS = [method for method in config["methods"] if method != "lp"]
 LOGS = "results/logs"
+MODELS = "resources/models"
+# Downloaded weights, in the Hugging Face cache layout (HF_HUB_CACHE=resources/models/hub).
+HF_CACHE = f"{MODELS}/hub"
+TOY_BACKBONE = "toyresnet"
 BENCHMARKS = "results/benchmarks"
 
 
@@ -130,13 +134,26 @@ def all_backbones():
     return list(dict.fromkeys(names))
 
 
+# Backbones whose weights rule fetch_backbone downloads: all but the toy, which is trained here.
+FETCHED_BACKBONES = [name for name in all_backbones() if name != TOY_BACKBONE]
+
+
 def get_finetune_overrides(dataset):
     return (config["dataset_settings"].get(dataset) or {}).get("finetune") or {}
 
 
 def get_backbone_files(wildcards):
-    folder = f"resources/models/{wildcards.backbone}"
-    return {"weights": f"{folder}/model.safetensors", "meta": f"{folder}/meta.json"}
+    """The toy's files (pretrain_backbone), or the meta.json that fetch_backbone writes last;
+    jobs find the weights file through meta.json either way."""
+    folder = f"{MODELS}/{wildcards.backbone}"
+    if wildcards.backbone == TOY_BACKBONE:
+        return {"weights": f"{folder}/model.safetensors", "meta": f"{folder}/meta.json"}
+    return {"meta": f"{folder}/meta.json"}
+
+
+def get_backbone_options(backbone):
+    """The `backbone_options` entry of a backbone (fetch_backbone's params)."""
+    return dict(config["backbone_options"].get(backbone) or {})
 
 
 def get_lr_grid(method, dataset):
@@ -323,7 +340,7 @@ def get_distortion_plan(wildcards):
 def get_distortion_inputs(wildcards):
     files = list(get_dataset_files(wildcards).values())
     for plan in get_distortion_plan(wildcards).values():
-        files.append(f"{plan['model_dir']}/model.safetensors")
+        files.append(f"{plan['model_dir']}/meta.json")
         files += list(plan["features"].values()) + list(plan["selections"].values())
     return files
 

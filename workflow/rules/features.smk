@@ -21,6 +21,7 @@ rule extract_features:
         data_options=get_data_options("features"),
         batch_size=config["features"]["batch_size"],
         num_workers=config["features"]["num_workers"],
+        precision=config["features"]["precision"],
         device=config["device"],
         progress=config["progress"],
     script:

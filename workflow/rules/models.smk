@@ -1,4 +1,11 @@
-# Backbones: the toy ResNet is pretrained inside the workflow on the toyshift pool.
+# Backbones: the toy ResNet is pretrained inside the workflow on the toyshift pool; every
+# other backbone is fetched once, on the machine Snakemake runs on (a login node with internet
+# access), into resources/models/, from where GPU jobs load it offline.
+
+
+localrules:
+    fetch_backbone,
+    fetch_backbones,
 
 
 rule pretrain_backbone:
@@ -25,23 +32,24 @@ rule pretrain_backbone:
         "../scripts/pretrain_backbone.py"
 
 
-# fetch_backbone: issue 5. A placeholder with that rule's outputs, so that DAGs with other
-# backbones (configs/paper.yaml) plan; issue 5's rule (timm/HF weights into an offline
-# cache) replaces it. Run, it fails with one line instead of writing fake weights.
-localrules:
-    fetch_backbone,
-
-
 rule fetch_backbone:
     output:
-        weights="resources/models/{backbone}/model.safetensors",
-        meta="resources/models/{backbone}/meta.json",
+        meta=f"{MODELS}/{{backbone}}/meta.json",
     log:
         f"{LOGS}/fetch_backbone/{{backbone}}.log",
     wildcard_constraints:
-        backbone=_alternatives([b for b in all_backbones() if b != "toyresnet"]),
+        backbone=_alternatives(FETCHED_BACKBONES),
     conda:
         "../../envs/torch.yaml"
-    shell:
-        "echo 'robustft: backbone {wildcards.backbone}: weights are fetched by rule "
-        "fetch_backbone (issue 5), not in this branch' | tee {log} >&2; exit 1"
+    params:
+        options=lambda wildcards: get_backbone_options(wildcards.backbone),
+        cache_dir=HF_CACHE,
+        progress=config["progress"],
+    script:
+        "../scripts/fetch_backbone.py"
+
+
+rule fetch_backbones:
+    # The one command for a login node: snakemake fetch_backbones --cores 1
+    input:
+        expand(f"{MODELS}/{{backbone}}/meta.json", backbone=FETCHED_BACKBONES),

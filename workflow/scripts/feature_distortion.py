@@ -21,6 +21,8 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
             data_options=snakemake.params.data_options,
             batch_size=snakemake.params.batch_size,
             num_workers=snakemake.params.num_workers,
+            precision=snakemake.params.precision,
+            threads=snakemake.threads,
             device=resolve_device(snakemake.params.device),
             progress=snakemake.params.progress,
         ):

@@ -10,7 +10,7 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         dataset=snakemake.wildcards.dataset,
         data_root=snakemake.params.data_root,
         data_options=snakemake.params.data_options,
-        model_dir=Path(snakemake.input.weights).parent,
+        model_dir=Path(snakemake.input.meta).parent,
         probe_dir=Path(probe_head).parent if probe_head else None,
         out_dir=Path(snakemake.output.metrics).parent,
         state_dir=snakemake.params.state_dir,

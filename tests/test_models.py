@@ -1,0 +1,417 @@
+"""Backbones behind one interface: timm architectures with random weights (no download),
+MoCo-v2 checkpoints, local weights files, and LP-FT starting exactly at the probe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from robustft.data import toyshift
+from robustft.models import (
+    BackboneNotFetchedError,
+    Preprocess,
+    TimmBackbone,
+    build_backbone,
+    create_timm_backbone,
+    default_embedding,
+    load_backbone,
+    save_backbone,
+    timm_preprocess,
+)
+from robustft.models.fetch import MOCO_PREFIX, fetch_backbone, moco_v2_state_dict
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+
+
+@pytest.mark.parametrize(
+    ("name", "dim", "mean"),
+    [
+        ("resnet50.tv_in1k", 2048, (0.485, 0.456, 0.406)),
+        ("resnet50_clip.openai", 1024, CLIP_MEAN),
+        ("vit_base_patch16_clip_224.openai", 512, CLIP_MEAN),
+        ("vit_base_patch16_clip_quickgelu_224.openai", 512, CLIP_MEAN),
+    ],
+)
+def test_each_architecture_gives_its_feature_dimension(name, dim, mean):
+    torch.manual_seed(0)
+    backbone = build_backbone(architecture=name, kwargs={}).eval()
+    assert backbone.num_features == dim
+    with torch.inference_mode():
+        features = backbone(torch.rand(1, 3, 224, 224))
+    assert features.shape == (1, dim)
+    preprocess = timm_preprocess(backbone.model)
+    assert preprocess.input_size == 224
+    assert preprocess.mean == pytest.approx(mean)
+    assert preprocess.interpolation in {"bilinear", "bicubic"}
+    assert 0.8 <= preprocess.crop_pct <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("name", "num_classes", "expected"),
+    [
+        ("resnet50.tv_in1k", 1000, "pooled"),
+        ("resnet50_clip.openai", 1024, "projected"),
+        ("vit_base_patch16_clip_224.openai", 512, "projected"),
+        ("vit_base_patch16_clip_224.openai_ft_in1k", 1000, "pooled"),
+        ("convnext_base.clip_laion2b_augreg_ft_in1k", 1000, "pooled"),
+        ("vit_base_patch16_siglip_224.webli", 0, "pooled"),
+    ],
+)
+def test_clip_image_towers_keep_their_projection(name, num_classes, expected):
+    assert default_embedding(name, num_classes) == expected
+
+
+def test_pooled_embedding_can_be_asked_for_explicitly():
+    backbone = create_timm_backbone(name="vit_base_patch16_clip_224.openai", embedding="pooled")
+    assert backbone.num_features == 768
+
+
+def test_an_unknown_timm_name_is_one_line_naming_it():
+    with pytest.raises(ValueError, match="no_such_net") as info:
+        build_backbone(architecture="no_such_net.x", kwargs={})
+    assert "\n" not in str(info.value)
+
+
+def test_a_toy_meta_json_from_before_this_change_still_loads(tmp_path):
+    backbone = build_backbone(architecture="toyresnet", kwargs={"width": 4})
+    pre = Preprocess(input_size=32, mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0))
+    save_backbone(
+        backbone=backbone,
+        out_dir=tmp_path,
+        architecture="toyresnet",
+        kwargs={"width": 4},
+        preprocess=pre,
+    )
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    del meta["weights"], meta["preprocess"]["crop_pct"], meta["preprocess"]["interpolation"]
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    _, loaded, _ = load_backbone(tmp_path)
+    assert loaded == pre and loaded.crop_pct == 1.0 and loaded.interpolation == "bilinear"
+
+
+# --- MoCo-v2 -----------------------------------------------------------------------------
+
+
+def moco_checkpoint(path: Path, resnet: torch.nn.Module) -> None:
+    """A checkpoint with the layout of moco_v2_800ep_pretrain.pth.tar: {"state_dict": ...}
+    with `module.encoder_q.*` (incl. the projection MLP fc.0/fc.2), `module.encoder_k.*` and
+    the queue, beside epoch, arch and optimizer state."""
+    backbone_state = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    state = {f"{MOCO_PREFIX}{k}": v for k, v in backbone_state.items()}
+    state |= {
+        f"{MOCO_PREFIX}fc.0.weight": torch.randn(2048, 2048),
+        f"{MOCO_PREFIX}fc.0.bias": torch.zeros(2048),
+        f"{MOCO_PREFIX}fc.2.weight": torch.randn(128, 2048),
+        f"{MOCO_PREFIX}fc.2.bias": torch.zeros(128),
+        "module.encoder_k.conv1.weight": torch.randn(64, 3, 7, 7),
+        "module.queue": torch.randn(128, 16),
+        "module.queue_ptr": torch.zeros(1, dtype=torch.long),
+    }
+    torch.save(
+        {
+            "epoch": 800,
+            "arch": "resnet50",
+            "state_dict": state,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.0, "momentum": 0.9}]},
+        },
+        path,
+    )
+
+
+def test_a_moco_checkpoint_loads_with_no_missing_keys(tmp_path):
+    torch.manual_seed(0)
+    resnet = timm.create_model("resnet50", pretrained=False).eval()
+    # Non-trivial BatchNorm statistics, so that a key left at its default would show.
+    for module in resnet.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "moco_v2_800ep_pretrain.pth.tar"
+    moco_checkpoint(path, resnet)
+    checkpoint = torch.load(path, weights_only=True)
+    state = moco_v2_state_dict(checkpoint, source=path)
+    own = {k for k in resnet.state_dict() if not k.startswith("fc.")}
+    assert set(state) == own  # nothing missing, nothing extra (no MLP, no key encoder)
+
+    out_dir = tmp_path / "resources" / "models" / "moco_v2_resnet50"
+    meta = fetch_backbone(
+        name="moco_v2_resnet50",
+        out_dir=out_dir,
+        cache_dir=tmp_path / "hub",
+        options={"weights": str(path)},
+    )
+    assert meta["num_features"] == 2048 and meta["source"]["kind"] == "local"
+    assert meta["preprocess"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    backbone, _, _ = load_backbone(out_dir)
+    resnet.reset_classifier(0)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(backbone.eval()(images), resnet(images), atol=1e-5)
+
+
+def test_a_checkpoint_without_the_query_encoder_is_rejected_naming_the_file(tmp_path):
+    path = tmp_path / "other.pth.tar"
+    torch.save({"state_dict": {"module.encoder_k.conv1.weight": torch.zeros(1)}}, path)
+    with pytest.raises(ValueError, match=r"other\.pth\.tar: no 'module\.encoder_q\.\*' keys"):
+        fetch_backbone(
+            name="moco_v2_resnet50",
+            out_dir=tmp_path / "out",
+            cache_dir=tmp_path / "hub",
+            options={"weights": str(path)},
+        )
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+# --- local weights files and the offline cache --------------------------------------------
+
+
+def test_local_weights_file_of_any_timm_architecture(tmp_path):
+    torch.manual_seed(1)
+    source = timm.create_model("resnet18.tv_in1k", pretrained=False).eval()
+    path = tmp_path / "rn18.pth"
+    torch.save(source.state_dict(), path)  # a plain state dict, read with weights_only=True
+    out_dir = tmp_path / "models" / "resnet18.tv_in1k"
+    meta = fetch_backbone(
+        name="resnet18.tv_in1k",
+        out_dir=out_dir,
+        cache_dir=tmp_path / "hub",
+        options={"weights": str(path)},
+    )
+    assert meta["weights"] == {"file": str(path.resolve()), "format": "timm"}
+    backbone, preprocess, _ = load_backbone(out_dir)
+    assert isinstance(backbone, TimmBackbone) and backbone.num_features == 512
+    assert preprocess.crop_pct == 0.875
+    source.reset_classifier(0)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(backbone.eval()(images), source(images), atol=1e-6)
+
+
+def test_local_weights_of_another_architecture_fail_with_one_line(tmp_path):
+    path = tmp_path / "rn18.safetensors"
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(ValueError, match=r"rn18\.safetensors: weights do not fit") as info:
+        fetch_backbone(
+            name="resnet34.tv_in1k",
+            out_dir=tmp_path / "out",
+            cache_dir=tmp_path / "hub",
+            options={"weights": str(path)},
+        )
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def fake_hub_cache(hub: Path, name: str) -> tuple[torch.nn.Module, str]:
+    """What `hf_hub_download` leaves behind: models--timm--NAME/{refs/main, snapshots/REV/}."""
+    model = timm.create_model(name, pretrained=False).eval()
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = hub / f"models--timm--{name}"
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(repo / "snapshots" / revision / "model.safetensors"))
+    return model, revision
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 for this test only (huggingface_hub reads it once, at import)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_fetch_uses_the_hugging_face_cache_layout_and_jobs_load_it_offline(tmp_path, offline):
+    hub = tmp_path / "resources" / "models" / "hub"
+    model, revision = fake_hub_cache(hub, "resnet18.tv_in1k")
+    out_dir = tmp_path / "resources" / "models" / "resnet18.tv_in1k"
+    meta = fetch_backbone(name="resnet18.tv_in1k", out_dir=out_dir, cache_dir=hub)
+    assert meta["source"] == {
+        "kind": "hf-hub",
+        "repo": "timm/resnet18.tv_in1k",
+        "file": "model.safetensors",
+        "revision": revision,
+    }
+    # Relative, so that resources/ can be copied to another machine.
+    assert meta["weights"]["file"].startswith("../hub/models--timm--resnet18.tv_in1k/")
+    backbone, _, _ = load_backbone(out_dir)
+    model.reset_classifier(0)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(backbone.eval()(images), model(images), atol=1e-6)
+
+
+def test_fetch_without_network_fails_with_one_line(tmp_path, offline):
+    with pytest.raises(RuntimeError, match=r"cannot download backbone 'resnet18\.tv_in1k'") as info:
+        fetch_backbone(
+            name="resnet18.tv_in1k",
+            out_dir=tmp_path / "m" / "resnet18.tv_in1k",
+            cache_dir=tmp_path / "hub",
+        )
+    assert "\n" not in str(info.value) and "weights" in str(info.value)
+    assert not (tmp_path / "m").exists()
+
+
+def test_an_empty_cache_fails_at_once_naming_the_backbone_and_the_fetch_command(tmp_path, offline):
+    models = tmp_path / "resources" / "models"
+    with pytest.raises(BackboneNotFetchedError) as info:
+        load_backbone(models / "resnet50.tv_in1k")
+    message = str(info.value)
+    assert "\n" not in message and "'resnet50.tv_in1k'" in message
+    assert "snakemake fetch_backbones --cores 1 --config backbones='[resnet50.tv_in1k]'" in message
+
+    # meta.json there, but the cache emptied (e.g. a scratch file system purged).
+    fake_hub_cache(models / "hub", "resnet18.tv_in1k")
+    fetch_backbone(
+        name="resnet18.tv_in1k", out_dir=models / "resnet18.tv_in1k", cache_dir=models / "hub"
+    )
+    for blob in (models / "hub").rglob("model.safetensors"):
+        blob.unlink()
+    with pytest.raises(BackboneNotFetchedError, match="--forcerun fetch_backbone") as info:
+        load_backbone(models / "resnet18.tv_in1k")
+    assert "\n" not in str(info.value) and "'resnet18.tv_in1k'" in str(info.value)
+
+
+def test_a_replaced_weights_file_is_caught_by_its_checksum(tmp_path, offline):
+    hub = tmp_path / "hub"
+    fake_hub_cache(hub, "resnet18.tv_in1k")
+    fetch_backbone(name="resnet18.tv_in1k", out_dir=tmp_path / "rn18", cache_dir=hub)
+    (file,) = hub.rglob("model.safetensors")
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(file))
+    with pytest.raises(ValueError, match="checksum differs"):
+        load_backbone(tmp_path / "rn18")
+
+
+# --- LP-FT starts where LP ended, with a timm backbone ---------------------------------------
+
+TINY_TOYSHIFT = {
+    "image_size": 32,
+    "pretrain_classes": 2,
+    "task_classes": 3,
+    "pretrain_images_per_class": {"real": 2, "clipart": 2, "painting": 2, "sketch": 2},
+    "train_per_class": 12,
+    "val_per_class": 8,
+    "test_per_class": 8,
+    "ood_per_class": 6,
+}
+
+
+def test_lpft_starts_with_the_accuracy_of_the_probe(tmp_path):
+    """The LP-FT model before any update (history row 0) has the probe's accuracy on every
+    split: the probe's head, mapped back to the raw feature scale, is copied into the model.
+    ResNet-50 (random weights) as in the paper; 32×32 toyshift images keep it fast."""
+    from robustft.data.registry import ID_SPLITS
+    from robustft.probe import run_probe
+    from robustft.stages import extract_split, run_finetune
+
+    data = tmp_path / "resources" / "datasets" / "toyshift"
+    toyshift.write_toyshift(
+        pretrain_path=data / "pretrain.h5", task_path=data / "task.h5", seed=0, **TINY_TOYSHIFT
+    )
+    torch.manual_seed(0)
+    weights = tmp_path / "rn50.pth"
+    torch.save(timm.create_model("resnet50.tv_in1k", pretrained=False).state_dict(), weights)
+    model_dir = tmp_path / "resources" / "models" / "resnet50.tv_in1k"
+    fetch_backbone(
+        name="resnet50.tv_in1k",
+        out_dir=model_dir,
+        cache_dir=tmp_path / "hub",
+        options={"weights": str(weights)},
+    )
+    ood = ["real", "clipart", "painting"]
+    features = {}
+    for split in [*ID_SPLITS, *ood]:
+        features[split] = tmp_path / "features" / f"{split}.h5"
+        extract_split(
+            dataset="toyshift",
+            split=split,
+            data_root=data,
+            model_dir=model_dir,
+            out_path=features[split],
+            backbone_name="resnet50.tv_in1k",
+            batch_size=16,
+            progress=False,
+        )
+    probe = run_probe(
+        feature_files=features,
+        out_dir=tmp_path / "probe",
+        c_grid=[0.1, 1.0],
+        max_iter=500,
+        progress=False,
+    )
+    run_finetune(
+        method="lpft",
+        dataset="toyshift",
+        data_root=data,
+        model_dir=model_dir,
+        out_dir=tmp_path / "lpft",
+        ood_splits=ood,
+        lr=1e-4,
+        seed=0,
+        epochs=1,
+        batch_size=16,
+        momentum=0.9,
+        weight_decay=0.0,
+        freeze_bn=True,
+        augment=False,
+        probe_dir=tmp_path / "probe",
+        progress=False,
+    )
+    before = pd.read_csv(tmp_path / "lpft" / "history.csv").iloc[0]
+    for column in ["id_val", "id_test", *(f"ood_{split}" for split in ood)]:
+        assert before[column] == pytest.approx(probe[column]), column
+    assert np.isfinite(before["id_val"])
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+def validate(**overrides):
+    from robustft.config import load_schema, validate_config
+
+    root = Path(__file__).resolve().parents[1]
+    schema = load_schema(root / "workflow" / "schemas" / "config.schema.yaml")
+    return validate_config({"backbones": ["toyresnet"], **overrides}, schema)
+
+
+def test_backbone_options_get_their_defaults():
+    config = validate(
+        backbones=["toyresnet", "resnet50.tv_in1k"],
+        backbone_options={"resnet50.tv_in1k": {"weights": "/w/rn50.safetensors"}},
+    )
+    assert config["backbone_options"]["resnet50.tv_in1k"] == {
+        "weights": "/w/rn50.safetensors",
+        "url": None,
+        "sha256": None,
+        "embedding": "auto",
+    }
+    assert config["features"]["num_workers"] == "auto"
+    assert config["features"]["precision"] == "auto"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"backbone_options": {"x": {"weight": "/w"}}}, "'weight' under 'backbone_options.x'"),
+        ({"backbone_options": {"x": {"embedding": "cls"}}}, "backbone_options.x.embedding"),
+        ({"backbones": ["resnet50/../../etc"]}, "backbones[0]"),
+        ({"features": {"num_workers": -1}}, "features.num_workers"),
+    ],
+)
+def test_bad_backbone_config_is_one_line_naming_the_key(overrides, named):
+    from robustft.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        validate(**overrides)
+    assert named in str(info.value) and "\n" not in str(info.value)
