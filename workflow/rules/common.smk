@@ -134,7 +134,7 @@ def all_backbones():
     return list(dict.fromkeys(names))
 
 
-# Backbones whose weights rule fetch_backbone downloads: all but the toy, which is trained here.
+# Backbones that fetch_backbone downloads (all but the toy, which is trained here).
 FETCHED_BACKBONES = [name for name in all_backbones() if name != TOY_BACKBONE]
 
 
