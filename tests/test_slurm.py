@@ -248,6 +248,8 @@ def test_slurm_run_gives_the_same_table_as_a_local_run(slurm_run, local_table):
         "rule_extract_features",
         "rule_fit_probe",
         "rule_finetune",
+        "rule_train_baseline",
+        "rule_feature_distortion",
     }
 
 
@@ -263,7 +265,8 @@ def test_a_cancelled_job_is_retried_and_nothing_is_lost(slurm_run):
     assert cancelled[0][0] == int(slurm_run["cancelled_id"])
     # Every other job ran once: nothing finished was redone.
     assert all(len(runs) == 1 and runs[0][1] == "COMPLETED" for runs in attempts.values()), attempts
-    assert len(attempts) + 1 == 1 + 1 + 6 + 2 + 6  # data, backbone, features, probes, finetune
+    # data, backbone, features, probes, fine-tuning, baseline models, distortion
+    assert len(attempts) + 1 == 1 + 1 + 6 + 2 + 6 + 3 + 1
     assert f"SLURM-job '{slurm_run['cancelled_id']}' failed" in slurm_run["output"]
     assert "CANCELLED" in slurm_run["output"]
     # The fine-tuning run that was killed has all its outputs.
