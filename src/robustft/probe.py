@@ -158,6 +158,29 @@ def coarse_to_fine(count: int, *, points: int = 8) -> tuple[list[int], int]:
     return first, step
 
 
+def _carry_curvature(state: dict[str, Any], *, extra_penalty: float, size: int) -> None:
+    """Make torch LBFGS's stored curvature pairs (s, y) those of the objective at a new C.
+
+    Only the penalty λ/2·‖W‖² changes with C, and its gradient is linear, so each y = Δgrad
+    gains exactly Δλ·s on the weight entries (the first `size` of the flat vector; the
+    intercept is unpenalised). The last step direction is zeroed so that the first iteration
+    at the new C, which starts elsewhere, adds no pair that straddles two objectives.
+    """
+    if not state.get("old_dirs"):
+        return
+    dirs, steps = state["old_dirs"], state["old_stps"]
+    for y, s in zip(dirs, steps, strict=True):
+        y[:size].add_(s[:size], alpha=extra_penalty)
+    keep = [k for k in range(len(dirs)) if float(dirs[k].dot(steps[k])) > 1e-10]
+    state["old_dirs"] = [dirs[k] for k in keep]
+    state["old_stps"] = [steps[k] for k in keep]
+    state["ro"] = [1.0 / dirs[k].dot(steps[k]) for k in keep]
+    if keep:
+        y, s = state["old_dirs"][-1], state["old_stps"][-1]
+        state["H_diag"] = y.dot(s) / y.dot(y)
+    state["d"].zero_()
+
+
 def fit_probe_torch(
     *,
     train_x: np.ndarray,
@@ -172,6 +195,7 @@ def fit_probe_torch(
     device: str = "cpu",
     coarse_points: int = 8,
     history_size: int = 20,
+    share_curvature: bool = True,
 ) -> ProbeResult:
     """Full-batch L-BFGS in float32 over the C grid, sharing work between values of C.
 
@@ -217,6 +241,17 @@ def fit_probe_torch(
     solutions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     sweep: dict[int, dict[str, Any]] = {}
 
+    # One optimizer for the whole grid: its curvature pairs carry over from one C to the next.
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=tol,
+        history_size=history_size,
+        line_search_fn="strong_wolfe",
+    )
+    previous = {"lam": 0.0}
+
     def fit(i: int) -> None:
         c_value = grid[i]
         lam = penalty / (c_value * n)
@@ -253,16 +288,12 @@ def fit_probe_torch(
                 del seen[:-8]
             return loss
 
-        optimizer = torch.optim.LBFGS(
-            [weight, bias],
-            lr=1.0,
-            max_iter=max_iter,
-            tolerance_grad=tol,
-            history_size=history_size,
-            line_search_fn="strong_wolfe",
-        )
+        state = optimizer.state[weight]  # LBFGS keeps its state under the first parameter
+        before = {key: state.get(key, 0) for key in ("n_iter", "func_evals")}
+        if share_curvature:
+            _carry_curvature(state, extra_penalty=lam - previous["lam"], size=weight.numel())
+        previous["lam"] = lam
         optimizer.step(closure)
-        state = optimizer.state[optimizer.param_groups[0]["params"][0]]
         final = next(
             (s for s in reversed(seen) if torch.equal(s[0], weight) and torch.equal(s[1], bias)),
             None,
@@ -278,8 +309,8 @@ def fit_probe_torch(
             "C": c_value,
             "train_acc": int(final[3]) / n,
             "val_acc": int(val_correct) / len(val_y),
-            "n_iter": int(state.get("n_iter", 0)),
-            "func_evals": int(state.get("func_evals", 0)),
+            "n_iter": int(state.get("n_iter", 0) - before["n_iter"]),
+            "func_evals": int(state.get("func_evals", 0) - before["func_evals"]),
             "grad_max": grad_max,
             "converged": grad_max <= tol,
         }
