@@ -255,8 +255,11 @@ def run_finetune(
     resolved_config: Mapping[str, Any] | None = None,
     data_options: Mapping[str, Any] | None = None,
     num_workers: int = 0,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Fine-tune the whole network (FT: new random head; LP-FT: head from the probe).
+
+    `precision`: auto = bf16 autocast on a GPU, fp32 on a CPU (see `resolve_precision`).
 
     With `state_dir`, resumable state (`last.pt`) is saved there every epoch, every
     `checkpoint_minutes` and on SIGTERM; a rerun resumes from it, and it is deleted once the
@@ -295,6 +298,7 @@ def run_finetune(
         freeze_bn=freeze_bn,
         seed=seed,
         num_workers=num_workers,
+        precision=resolve_precision(precision, device),
     )
     eval_transform = options.get("eval_transform", "resize")
     eval_sets = {

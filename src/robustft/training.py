@@ -45,6 +45,7 @@ class TrainSettings:
     seed: int = 0
     eval_batch_size: int = 512
     num_workers: int = 0  # DataLoader processes decoding images (image-file datasets)
+    precision: str = "fp32"  # "bf16": forward pass under bf16 autocast (GPU throughput)
 
 
 @dataclass
@@ -85,6 +86,19 @@ def cosine_lr(*, step: int, total_steps: int, base_lr: float) -> float:
     """Cosine decay from `base_lr` at step 0 to 0 at `total_steps`."""
     progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
+
+
+def autocast(*, device: str, precision: str) -> torch.autocast:
+    """bf16 autocast of the forward pass when `precision` is "bf16"; a no-op for "fp32"."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(
+            f"config key 'finetune.precision': expected fp32 or bf16, got {precision!r}"
+        )
+    return torch.autocast(
+        device_type="cuda" if str(device).startswith("cuda") else "cpu",
+        dtype=torch.bfloat16,
+        enabled=precision == "bf16",
+    )
 
 
 def freeze_batchnorm_statistics(model: nn.Module) -> None:
@@ -225,14 +239,17 @@ def train_classifier(
                 sampler=run.order[run.step * settings.batch_size :].tolist(),
                 drop_last=True,
                 num_workers=settings.num_workers,
+                pin_memory=str(device).startswith("cuda"),  # so that copies need no host sync
                 # Its own generator, seeded per epoch: a DataLoader draws from it the seed of
                 # its workers' random transforms, and a resumed run creates one more loader.
                 generator=torch.Generator().manual_seed(settings.seed * 1_000_003 + run.epoch),
             )
             # Sums stay on the device: no host sync per step.
             for images, labels in loader:
-                images, labels = images.to(device, non_blocking=True), labels.to(device)
-                logits = model(batch_transform(images, generator))
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                with autocast(device=device, precision=settings.precision):
+                    logits = model(batch_transform(images, generator)).float()
                 loss = loss_fn(logits, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

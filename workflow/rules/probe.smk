@@ -26,6 +26,8 @@ rule fit_probe:
         splits=lambda wildcards: get_splits(wildcards.dataset),
         c_grid=get_c_grid(),
         max_iter=config["probe"]["max_iter"],
+        solver=config["probe"]["solver"],
+        device=config["device"],
         progress=config["progress"],
     script:
         "../scripts/fit_probe.py"

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from robustft.probe import run_probe
-from robustft.runtime import job
+from robustft.runtime import job, resolve_device
 
 with job(log_path=snakemake.log[0], threads=snakemake.threads):
     run_probe(
@@ -10,4 +10,6 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         c_grid=snakemake.params.c_grid,
         max_iter=snakemake.params.max_iter,
         progress=snakemake.params.progress,
+        solver=snakemake.params.solver,
+        device=resolve_device(snakemake.params.device),
     )

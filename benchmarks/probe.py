@@ -1,0 +1,153 @@
+"""Linear-probe C sweep: our torch L-BFGS solver against scikit-learn's warm-started lbfgs.
+
+Both fit multinomial L2 logistic regression on scalar-standardised features over the paper's
+grid C = logspace(-7, 2, 50) and choose C by ID val accuracy. scikit-learn runs the original
+recipe: one LogisticRegression(warm_start=True, max_iter=200), one C after the other, all 50.
+Ours (`robustft.probe.fit_probe_torch`, float32, same max_iter) fits a coarse part of the grid
+and refines around the best val accuracy. Features are synthetic: a fixed-seed Gaussian
+mixture (robustft.synthetic) whose Bayes accuracy is known (--bayes).
+
+    python benchmarks/probe.py                                 # 50k × 2048, 10 classes, CPU
+    python benchmarks/probe.py --n 5000 --dim 256              # a quick smoke run
+    python benchmarks/probe.py --imagenet --device cuda        # 1.28M × 2048, 1000 classes: GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
+from robustft.probe import fit_probe_torch, scalar_standardization
+from robustft.synthetic import bayes_accuracy, gaussian_mixture, separation_for
+
+
+def sklearn_sweep(train_x, train_y, val_x, val_y, test_x, test_y, *, grid, max_iter):
+    """The original recipe; returns (seconds, rows), rows with val and test accuracy per C."""
+    started = time.perf_counter()
+    mean, std = scalar_standardization(train_x)
+    train_z, val_z, test_z = ((x - mean) / std for x in (train_x, val_x, test_x))
+    model = LogisticRegression(warm_start=True, max_iter=max_iter)
+    rows = []
+    for c_value in grid:
+        model.set_params(C=c_value)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            model.fit(train_z, train_y)
+        rows.append(
+            {
+                "C": c_value,
+                "val_acc": model.score(val_z, val_y),
+                "test_acc": model.score(test_z, test_y),
+                "n_iter": int(np.max(model.n_iter_)),
+                "converged": not any(w.category is ConvergenceWarning for w in caught),
+            }
+        )
+    return time.perf_counter() - started, rows
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=50_000, help="training examples")
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--val", type=int, default=10_000, help="ID val examples")
+    parser.add_argument("--test", type=int, default=10_000, help="ID test examples")
+    parser.add_argument("--bayes", type=float, default=0.85, help="Bayes accuracy of the mixture")
+    parser.add_argument("--max-iter", type=int, default=200)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--imagenet",
+        action="store_true",
+        help="1.28M × 2048, 1000 classes (needs a GPU: --device cuda); scikit-learn is timed "
+        "on --sklearn-subsample examples and its full time estimated in proportion",
+    )
+    parser.add_argument("--sklearn-subsample", type=int, default=0, help="0 = all of --n")
+    args = parser.parse_args()
+    if args.imagenet:
+        args.n, args.dim, args.classes = 1_281_167, 2048, 1000
+        args.val, args.test = 50_000, 50_000
+        args.sklearn_subsample = args.sklearn_subsample or 25_000
+        if not args.device.startswith("cuda") or not torch.cuda.is_available():
+            parser.error("--imagenet needs a GPU: run it with --device cuda on a machine with one")
+    torch.set_num_threads(args.threads)
+    grid = [float(c) for c in np.logspace(-7, 2, 50)]
+    separation = separation_for(bayes=args.bayes, classes=args.classes)
+    mixture = dict(dim=args.dim, classes=args.classes, separation=separation)
+    train_x, train_y = gaussian_mixture(n=args.n, seed=1, **mixture)
+    val_x, val_y = gaussian_mixture(n=args.val, seed=2, **mixture)
+    test_x, test_y = gaussian_mixture(n=args.test, seed=3, **mixture)
+
+    synchronize(args.device)
+    started = time.perf_counter()
+    ours = fit_probe_torch(
+        train_x=train_x,
+        train_y=train_y,
+        val_x=val_x,
+        val_y=val_y,
+        c_grid=grid,
+        num_classes=args.classes,
+        max_iter=args.max_iter,
+        device=args.device,
+    )
+    synchronize(args.device)
+    ours_seconds = time.perf_counter() - started
+    ours_test = float((ours.predict(test_x) == test_y).mean())
+    ours_val = max(row["val_acc"] for row in ours.sweep)
+    print(
+        f"ours: {ours_seconds:.1f} s, {len(ours.sweep)} values of C; now scikit-learn", flush=True
+    )
+    del train_x  # scikit-learn's float64 copy of an ImageNet-size set would not fit otherwise
+
+    m = args.sklearn_subsample or args.n
+    sub_x, sub_y = gaussian_mixture(n=m, seed=1, **mixture)
+    sk_seconds, rows = sklearn_sweep(
+        sub_x, sub_y, val_x, val_y, test_x, test_y, grid=grid, max_iter=args.max_iter
+    )
+    estimated = m < args.n
+    if estimated:
+        sk_seconds *= args.n / m  # per-iteration cost grows with n; iterations assumed equal
+    best = max(range(len(rows)), key=lambda i: (rows[i]["val_acc"], -i))
+
+    print(
+        f"{args.n} × {args.dim} float32 features, {args.classes} classes, "
+        f"{args.val} val, {args.test} test; Gaussian mixture with Bayes accuracy "
+        f"{bayes_accuracy(separation=separation, classes=args.classes):.4f}; grid "
+        f"logspace(-7, 2, 50); max_iter {args.max_iter}; ours on {args.device}, "
+        f"{args.threads} threads"
+    )
+    if estimated:
+        print(f"scikit-learn timed on {m} examples, its time scaled by {args.n / m:.1f}")
+    print()
+    sk_time = f"{sk_seconds:.1f}" + (" (estimated)" if estimated else "")
+    sk_test = f"{100 * rows[best]['test_acc']:.2f}" + (" (subsample)" if estimated else "")
+    print("| | ours (torch L-BFGS, float32) | scikit-learn lbfgs (warm start) |")
+    print("|---|---:|---:|")
+    print(f"| wall time, s | {ours_seconds:.1f} | {sk_time} |")
+    print(f"| speed-up | {sk_seconds / ours_seconds:.1f}× | 1× |")
+    print(f"| values of C fitted | {len(ours.sweep)} | {len(rows)} |")
+    print(
+        f"| fits converged (grad / tol) | {sum(r['converged'] for r in ours.sweep)} "
+        f"| {sum(r['converged'] for r in rows)} |"
+    )
+    print(
+        f"| selected C (grid index) | {ours.C:.3g} ({grid.index(ours.C)}) "
+        f"| {grid[best]:.3g} ({best}) |"
+    )
+    print(f"| val accuracy at it, % | {100 * ours_val:.2f} | {100 * rows[best]['val_acc']:.2f} |")
+    print(f"| test accuracy at it, % | {100 * ours_test:.2f} | {sk_test} |")
+
+
+if __name__ == "__main__":
+    main()
