@@ -24,8 +24,12 @@ PAPER_JOBS = {
     # 5 (FMoW) 7 (ImageNet)
     "extract_features": 34,
     "fit_probe": 7 * 3,
-    "finetune": 7 * (6 + 6) * 3,  # 7 settings × (FT 6 lrs + LP-FT 6 lrs) × 3 seeds
-    "select_run": 7 * 2,
+    # 7 settings × (FT 6 lrs + LP-FT 6 + L2-SP, L1-SP, KD 2 lrs × 3 values + LoRA 3 lrs × 2
+    # ranks) × 3 seeds
+    "finetune": 7 * (6 + 6 + 3 * 6 + 6) * 3,
+    "select_run": 7 * 6,
+    "wiseft": 7 * 3,
+    "plot_wiseft": 7,
     "aggregate_tables": 7,
     "summary_table": 1,
     "plot_id_vs_ood": 1,
@@ -52,8 +56,10 @@ def test_paper_dry_run_of_one_dataset_plans_only_that_setting(tmp_path):
         "fetch_backbone": 1,
         "extract_features": 4,
         "fit_probe": 3,
-        "finetune": 36,
-        "select_run": 2,
+        "finetune": (6 + 6 + 3 * 6 + 6) * 3,
+        "select_run": 6,
+        "wiseft": 3,
+        "plot_wiseft": 1,
         "aggregate_tables": 1,
         "summary_table": 1,
         "plot_id_vs_ood": 1,
