@@ -5,7 +5,7 @@ VENV ?= .venv
 CORES ?= 2
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint format dag clean
+.PHONY: install run test lint format dag report clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,9 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 	$(BIN)/snakefmt Snakefile workflow/rules
+
+report: install
+	$(BIN)/snakemake --report results/report.html
 
 dag: install
 	$(BIN)/snakemake --rulegraph | dot -Tpng > rulegraph.png

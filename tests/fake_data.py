@@ -232,3 +232,34 @@ def write_imagenet_1000(root: Path) -> Path:
         (root / "train" / f"n{index:08d}").mkdir(parents=True)
     (root / "val").mkdir()
     return root
+
+
+def write_tiny_toyshift_job(root: Path, *, train_per_class: int, width: int) -> Path:
+    """A small toyshift task (3 classes) in `root/data` and a randomly initialised toy
+    backbone in `root/backbone`: the inputs of one fine-tuning job."""
+    import torch
+
+    from robustft.data.toyshift import write_toyshift
+    from robustft.models import Preprocess, build_backbone, save_backbone
+
+    write_toyshift(
+        pretrain_path=root / "data" / "pretrain.h5",
+        task_path=root / "data" / "task.h5",
+        seed=0,
+        pretrain_classes=2,
+        task_classes=3,
+        pretrain_images_per_class={"real": 4, "clipart": 4, "painting": 4, "sketch": 4},
+        train_per_class=train_per_class,
+        val_per_class=max(4, train_per_class // 5),
+        test_per_class=max(4, train_per_class // 5),
+        ood_per_class=max(4, train_per_class // 5),
+    )
+    torch.manual_seed(0)
+    save_backbone(
+        backbone=build_backbone(architecture="toyresnet", kwargs={"width": width}),
+        out_dir=root / "backbone",
+        architecture="toyresnet",
+        kwargs={"width": width},
+        preprocess=Preprocess(input_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+    )
+    return root

@@ -14,11 +14,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from fake_data import write_tiny_toyshift_job
 from safetensors.torch import save_file
 
-from robustft.data.toyshift import write_toyshift
 from robustft.features import write_features
-from robustft.models import Preprocess, build_backbone, save_backbone
 from robustft.probe import run_probe
 from robustft.report import select_run
 from robustft.runtime import job
@@ -38,7 +37,7 @@ CONFIG_CASES = {
     "empty seeds": (["--config", "seeds=[]"], "'seeds'"),
     "duplicate seeds": (["--config", "seeds=[0,0]"], "'seeds'"),
     "unknown method": (["--config", "methods=[lp,sft]"], "methods[1]"),
-    "unknown dataset": (["--config", "datasets=[cifar11]"], "datasets[0]"),
+    "unknown dataset": (["--config", "datasets=[cifar11]"], "dataset 'cifar11' is not built in"),
     "unknown device": (["--config", "device=tpu"], "'device'"),
     "negative lr": (["--config", "finetune={'ft': {'lr_grid': [-0.01]}}"], "finetune.ft.lr_grid"),
     "duplicate lr": (["--config", "finetune={'ft': {'lr_grid': [0.01, 1e-2]}}"], "lr_grid"),
@@ -80,26 +79,7 @@ def test_a_config_error_stops_before_any_job_with_one_line(tmp_path, how, named)
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """A small valid set of every file a step reads: data, backbone, features, probe, metrics."""
-    root = tmp_path_factory.mktemp("valid")
-    write_toyshift(
-        pretrain_path=root / "data" / "pretrain.h5",
-        task_path=root / "data" / "task.h5",
-        seed=0,
-        pretrain_classes=2,
-        task_classes=3,
-        pretrain_images_per_class={"real": 4, "clipart": 4, "painting": 4, "sketch": 4},
-        train_per_class=8,
-        val_per_class=4,
-        test_per_class=4,
-        ood_per_class=4,
-    )
-    save_backbone(
-        backbone=build_backbone(architecture="toyresnet", kwargs={"width": 4}),
-        out_dir=root / "backbone",
-        architecture="toyresnet",
-        kwargs={"width": 4},
-        preprocess=Preprocess(input_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
-    )
+    root = write_tiny_toyshift_job(tmp_path_factory.mktemp("valid"), train_per_class=8, width=4)
     rng = np.random.default_rng(0)
     attrs = {"backbone": "toyresnet", "weights_sha256": "ab" * 32, "num_classes": 3}
     for split in ("train", "val"):

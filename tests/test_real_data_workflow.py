@@ -31,6 +31,11 @@ PAPER_JOBS = {
     "wiseft": 7 * 3,
     "plot_wiseft": 7,
     "aggregate_tables": 7,
+    # Effective robustness: baseline models for the in-memory CIFAR settings (6 each); the
+    # other settings need a published line (baseline.lines), so they get no ER table.
+    "train_baseline": 2 * 6,
+    "effective_robustness": 2,
+    "feature_distortion": 7,
     "summary_table": 1,
     "plot_id_vs_ood": 1,
     "all": 1,
@@ -61,6 +66,9 @@ def test_paper_dry_run_of_one_dataset_plans_only_that_setting(tmp_path):
         "wiseft": 3,
         "plot_wiseft": 1,
         "aggregate_tables": 1,
+        "train_baseline": 6,
+        "effective_robustness": 1,
+        "feature_distortion": 1,
         "summary_table": 1,
         "plot_id_vs_ood": 1,
         "all": 1,

@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fake_data import write_tiny_toyshift_job
 from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
-from robustft.models import ImageClassifier, Preprocess, build_backbone, save_backbone
+from robustft.models import ImageClassifier, Preprocess
 from robustft.models.toy import ToyResNet
 from robustft.runtime import STOPPED_EXIT_CODE, job
 from robustft.training import Checkpointing, TrainSettings, train_classifier
@@ -161,30 +162,7 @@ DRIVER = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def job_inputs(tmp_path_factory):
-    from robustft.data.toyshift import write_toyshift
-
-    root = tmp_path_factory.mktemp("inputs")
-    write_toyshift(
-        pretrain_path=root / "data" / "pretrain.h5",
-        task_path=root / "data" / "task.h5",
-        seed=0,
-        pretrain_classes=2,
-        task_classes=3,
-        pretrain_images_per_class={"real": 4, "clipart": 4, "painting": 4, "sketch": 4},
-        train_per_class=40,
-        val_per_class=8,
-        test_per_class=8,
-        ood_per_class=8,
-    )
-    torch.manual_seed(0)
-    save_backbone(
-        backbone=build_backbone(architecture="toyresnet", kwargs={"width": 8}),
-        out_dir=root / "backbone",
-        architecture="toyresnet",
-        kwargs={"width": 8},
-        preprocess=Preprocess(input_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
-    )
-    return root
+    return write_tiny_toyshift_job(tmp_path_factory.mktemp("inputs"), train_per_class=40, width=8)
 
 
 def start_job(inputs, workdir):

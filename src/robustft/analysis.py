@@ -165,20 +165,24 @@ def _save(fig: Any, out_path: str | Path) -> None:
 
 
 def plot_er_along_training(table: pd.DataFrame, *, out_path: str | Path) -> None:
-    """ER (points) against ID accuracy, one curve per method from epoch 0 to the last."""
+    """ER (points) of each fine-tuning method, mean over seeds: against the epoch (left) and
+    against ID accuracy (right, the view of Andreassen et al.); the probe as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    ax.axhline(0, color="0.5", linewidth=0.8, linestyle="--", label="baseline line (ER = 0)")
+    fig, (by_epoch, by_id) = plt.subplots(1, 2, figsize=(10, 4.2))
+    probes = table[table["method"] == "lp"]
+    for axis in (by_epoch, by_id):
+        axis.axhline(0, color="0.5", linewidth=0.8, linestyle="--", label="baseline line (ER = 0)")
     for label, curve in _training_curves(table).items():
-        (drawn,) = ax.plot(
+        by_epoch.plot(curve["epoch"], curve["er_pts"], marker="o", markersize=3, label=label)
+        (drawn,) = by_id.plot(
             100 * curve["id"], curve["er_pts"], marker="o", markersize=3, label=label
         )
         for index in (0, len(curve) - 1):
-            ax.annotate(
+            by_id.annotate(
                 f"ep {int(curve['epoch'].iloc[index])}",
                 (100 * curve["id"].iloc[index], curve["er_pts"].iloc[index]),
                 textcoords="offset points",
@@ -186,16 +190,26 @@ def plot_er_along_training(table: pd.DataFrame, *, out_path: str | Path) -> None
                 fontsize=7,
                 color=drawn.get_color(),
             )
-    probes = table[table["method"] == "lp"]
     if not probes.empty:
-        ax.scatter(
-            100 * probes["id"].mean(), probes["er_pts"].mean(), marker="*", s=120, label="lp"
+        by_epoch.axhline(
+            probes["er_pts"].mean(), color="black", linewidth=0.8, linestyle=":", label="lp"
         )
-    ax.set_xlabel("ID test accuracy (%)")
-    ax.set_ylabel("effective robustness (points, mean OOD)")
-    ax.set_title(f"{table['dataset'].iloc[0]}: ER along fine-tuning (mean over seeds)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+        by_id.scatter(
+            100 * probes["id"].mean(),
+            probes["er_pts"].mean(),
+            marker="*",
+            s=120,
+            color="black",
+            label="lp",
+            zorder=3,
+        )
+    by_epoch.set_xlabel("epoch (0 = before fine-tuning)")
+    by_id.set_xlabel("ID test accuracy (%)")
+    for axis in (by_epoch, by_id):
+        axis.set_ylabel("effective robustness (points, mean OOD)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.suptitle(f"{table['dataset'].iloc[0]}: effective robustness along fine-tuning")
     fig.tight_layout()
     _save(fig, out_path)
 
@@ -239,7 +253,13 @@ def plot_logit_id_vs_ood(table: pd.DataFrame, *, line: BaselineLine, out_path: s
     probes = table[table["method"] == "lp"]
     if not probes.empty:
         ax.scatter(
-            probes["id"].mean(), probes["ood"].mean(), marker="*", s=120, label="lp", zorder=3
+            probes["id"].mean(),
+            probes["ood"].mean(),
+            marker="*",
+            s=120,
+            color="black",
+            label="lp",
+            zorder=3,
         )
     percent = FuncFormatter(lambda value, _: f"{100 * value:g}%")
     for axis in (ax.xaxis, ax.yaxis):
@@ -280,7 +300,12 @@ def write_distortion(
         for index, method in enumerate(methods):
             values = [means.loc[(method, split), column] for split in splits]
             axis.bar(np.arange(len(splits)) + index * width, values, width, label=method)
-        axis.set_xticks(np.arange(len(splits)) + width * (len(methods) - 1) / 2, splits)
+        axis.set_xticks(
+            np.arange(len(splits)) + width * (len(methods) - 1) / 2,
+            splits,
+            rotation=20,
+            ha="right",
+        )
         axis.set_title(title, fontsize=9)
         axis.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=8)

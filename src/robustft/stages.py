@@ -84,6 +84,16 @@ def _dataset(arrays: ImageArrays) -> ArrayImageDataset:
     return ArrayImageDataset(arrays.images, arrays.labels)
 
 
+def preprocess_of(images: np.ndarray) -> Preprocess:
+    """Input size and per-channel mean/std of uint8 images (N, H, W, 3) scaled to [0, 1]."""
+    scaled = images.astype(np.float32) / 255.0
+    return Preprocess(
+        input_size=int(images.shape[1]),
+        mean=tuple(float(x) for x in scaled.mean(axis=(0, 1, 2))),
+        std=tuple(float(x) for x in scaled.std(axis=(0, 1, 2))),
+    )
+
+
 def pretrain_toy_backbone(
     *,
     pretrain_file: str | Path,
@@ -103,14 +113,8 @@ def pretrain_toy_backbone(
     train = toyshift.read_split(pretrain_file, "train")
     val = toyshift.read_split(pretrain_file, "val")
     num_classes = len(toyshift.class_names(pretrain_file))
-    images = train.images.astype(np.float32) / 255.0
     # The toy backbone's own "pretrained config": the statistics of its pretraining data.
-    preprocess = Preprocess(
-        input_size=int(train.images.shape[1]),
-        mean=tuple(float(x) for x in images.mean(axis=(0, 1, 2))),
-        std=tuple(float(x) for x in images.std(axis=(0, 1, 2))),
-    )
-    del images
+    preprocess = preprocess_of(train.images)
     torch.manual_seed(seed)
     kwargs = {"width": width}
     backbone = build_backbone(architecture="toyresnet", kwargs=kwargs)
@@ -564,14 +568,8 @@ def train_baseline(
     count = min(len(train.labels), max(batch_size, round(fraction * len(train.labels))))
     keep = np.sort(np.random.default_rng(seed).permutation(len(train.labels))[:count])
     train = take(train, keep)
-    images = train.images.astype(np.float32) / 255.0
     # From scratch, so the model's normalisation is that of its own training data.
-    preprocess = Preprocess(
-        input_size=int(train.images.shape[1]),
-        mean=tuple(float(x) for x in images.mean(axis=(0, 1, 2))),
-        std=tuple(float(x) for x in images.std(axis=(0, 1, 2))),
-    )
-    del images
+    preprocess = preprocess_of(train.images)
     torch.manual_seed(seed)
     backbone = build_backbone(architecture=architecture, kwargs={"width": width})
     model = ImageClassifier(
