@@ -277,3 +277,65 @@ def test_select_run_chooses_the_best_point_of_a_two_dimensional_sweep(tmp_path):
     assert selection["run"] == "lr0.01-alpha1"
     assert [run["seed"] for run in selection["runs"]] == [0, 1]
     assert np.isclose(selection["mean_id_val"], 0.855)
+
+
+def method_setup(method):
+    """(model, loss_fn, extra_loss) of a method, rebuilt from scratch as run_finetune does."""
+    model = tiny_model(seed=0)
+    if method == "l2sp":
+        return model, None, WeightPenalty(model=model, kind="l2", alpha=1.0, beta=0.01)
+    if method == "l1sp":
+        return model, None, WeightPenalty(model=model, kind="l1", alpha=1e-3)
+    if method == "kd":
+        return model, *distillation_objective(teacher=tiny_model(seed=5), weight=0.5, temperature=2)
+    if method == "lora":
+        pytest.importorskip("peft")
+        return apply_lora(model, rank=2, alpha=4, target="conv"), None, None
+    raise ValueError(method)
+
+
+@pytest.mark.parametrize("method", ["l2sp", "l1sp", "kd", "lora"])
+def test_a_stopped_run_of_each_method_resumes_exactly(tmp_path, method):
+    import os
+    import signal
+
+    from robustft.runtime import STOPPED_EXIT_CODE, job
+    from robustft.training import Checkpointing
+
+    def run(checkpointing=None, stop_at=None):
+        model, loss_fn, extra = method_setup(method)
+        calls = {"n": 0}
+
+        def transform(images, generator):
+            calls["n"] += 1
+            if calls["n"] == stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return images
+
+        result = train_classifier(
+            model=model,
+            train_set=tiny_data(seed=3),
+            eval_sets={"val": tiny_data(seed=4)},
+            select_on="val",
+            settings=TrainSettings(epochs=2, lr=0.05, batch_size=16, freeze_bn=True, seed=7),
+            progress=False,
+            loss_fn=loss_fn,
+            extra_loss=extra,
+            batch_transform=transform,
+            checkpointing=checkpointing,
+        )
+        return result, model
+
+    reference, reference_model = run()
+    checkpointing = Checkpointing(path=tmp_path / "last.pt", fingerprint=method)
+    with pytest.raises(SystemExit) as stopped, job(log_path=None):
+        run(checkpointing=checkpointing, stop_at=6)  # in epoch 2 (4 steps per epoch)
+    assert stopped.value.code == STOPPED_EXIT_CODE
+    resumed, resumed_model = run(checkpointing=checkpointing)
+    pd.testing.assert_frame_equal(
+        pd.DataFrame(resumed.history).drop(columns="seconds"),
+        pd.DataFrame(reference.history).drop(columns="seconds"),
+        check_exact=True,
+    )
+    for key, value in reference_model.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[key], value), key

@@ -30,6 +30,9 @@ PAPER_JOBS = {
     "select_run": 7 * 6,
     "wiseft": 7 * 3,
     "plot_wiseft": 7,
+    # Zero-shot heads for the two CLIP backbones (DomainNet RN50, ImageNet ViT-B/16).
+    "fetch_text_tower": 2,
+    "zeroshot": 2,
     "aggregate_tables": 7,
     # Effective robustness: baseline models for the in-memory CIFAR settings (6 each); the
     # other settings need a published line (baseline.lines), so they get no ER table.

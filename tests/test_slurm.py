@@ -36,7 +36,7 @@ BOUNDED_SNAKEMAKE = ["timeout", "-s", "KILL", str(RUN_TIMEOUT), *SNAKEMAKE]
 # The stages that ask for a GPU when the config says so, and their rules.
 # Stage of the config's `resources:` → the rules that take their resources from it.
 GPU_RULES = {
-    "features": ("extract_features", "feature_distortion", "wiseft"),
+    "features": ("extract_features", "feature_distortion", "wiseft", "zeroshot"),
     "finetune": ("finetune", "train_baseline"),
 }
 GPU_RULE_NAMES = {rule for rules in GPU_RULES.values() for rule in rules}

@@ -169,7 +169,7 @@ def validate_config(config: dict[str, Any], schema: Mapping[str, Any]) -> dict[s
 def _check_cross_references(config: dict[str, Any]) -> None:
     """Checks a JSON schema cannot express: values that must agree with one another."""
     for method in config["methods"]:
-        if method in ("lp", "wiseft"):
+        if method in ("lp", "wiseft", "zeroshot"):
             continue
         grid = config["finetune"][method]["lr_grid"]
         spellings = [format_hparam(lr) for lr in grid]

@@ -225,6 +225,14 @@ def aggregate_dataset(
         method, backbone = key.split("/", 1)
         if method == "lp":
             row = probe_row(metrics_files=list(files), ood_splits=ood_splits)
+        elif method == "zeroshot":
+            row = summarize_runs(
+                method="zeroshot",
+                runs=[read_json(files)],
+                ood_splits=ood_splits,
+                hparam_name="templates",
+                hparam_value="80",
+            )
         elif method == "wiseft":
             row = wiseft_row(
                 curve_files=list(files["curves"]),

@@ -32,7 +32,7 @@ from robustft.features import (
     resolve_precision,
     write_features,
 )
-from robustft.io import sha256_file, write_csv, write_json
+from robustft.io import atomic_path, sha256_file, write_csv, write_json
 from robustft.methods import WeightPenalty, apply_lora, distillation_objective, merged_copy
 from robustft.models import (
     ImageClassifier,
@@ -47,9 +47,6 @@ from robustft.training import Checkpointing, TrainSettings, train_classifier
 log = logging.getLogger(__name__)
 
 METHODS_WITH_PROBE_HEAD = ("lpft",)
-# Methods that read the probe's head without starting from it: KD's teacher is the pretrained
-# backbone with the LP head.
-METHODS_WITH_PROBE_TEACHER = ("kd",)
 FINETUNE_METHODS = ("ft", "lpft", "l2sp", "l1sp", "kd", "lora")
 
 
@@ -321,6 +318,8 @@ def run_finetune(
             backbone=teacher_backbone, num_classes=num_classes, preprocess=preprocess
         )
         weight, bias = load_probe_head(probe_dir)
+        if tuple(weight.shape) != tuple(teacher.head.weight.shape):
+            raise ValueError(f"{probe_dir}: probe head {tuple(weight.shape)} does not fit")
         with torch.no_grad():
             teacher.head.weight.copy_(weight)
             teacher.head.bias.copy_(bias)
@@ -520,6 +519,65 @@ def run_wiseft(
             log.info("%s α=%.2f: %s", method, alpha, {k: round(v, 4) for k, v in scores.items()})
     write_csv(out_path, rows)
     return rows
+
+
+def run_zeroshot(
+    *,
+    backbone_name: str,
+    dataset: str,
+    data_root: str | Path | Mapping[str, str | Path],
+    model_dir: str | Path,
+    text_cache: str | Path,
+    ood_splits: Sequence[str],
+    out_dir: str | Path,
+    batch_size: int = 512,
+    device: str = "cpu",
+    data_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The zero-shot CLIP model of a setting: the pretrained image tower with the text tower's
+    head for the dataset's class names (`zeroshot.zeroshot_head`), evaluated on ID val, ID test
+    and every OOD split. Writes `head.safetensors` (weight, bias) and `metrics.json`."""
+    from safetensors.torch import save_file
+
+    from robustft.zeroshot import load_text_tower, text_tower_name, zeroshot_head
+
+    backbone, preprocess, _ = load_backbone(model_dir)
+    splits = {
+        split: load_split(dataset=dataset, split=split, root=data_root, options=data_options)
+        for split in (*ID_SPLITS, *ood_splits)
+        if split != "train"
+    }
+    class_names = splits["val"].class_names
+    text_model, tokenizer = load_text_tower(backbone=backbone_name, cache_dir=text_cache)
+    weight, bias = zeroshot_head(
+        model=text_model, tokenizer=tokenizer, class_names=class_names, device=device
+    )
+    if weight.shape[1] != backbone.num_features:
+        raise ValueError(
+            f"backbone {backbone_name!r} gives {backbone.num_features}-d features but its text "
+            f"tower {weight.shape[1]}-d: set backbone_options.{backbone_name}.embedding: projected"
+        )
+    model = ImageClassifier(backbone=backbone, num_classes=len(class_names), preprocess=preprocess)
+    with torch.no_grad():
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(bias)
+    eval_transform = (data_options or {}).get("eval_transform", "resize")
+    metrics: dict[str, Any] = {
+        split_column(split): accuracy(
+            model,
+            as_torch_dataset(arrays, preprocess=preprocess, transform=eval_transform),
+            batch_size=batch_size,
+            device=device,
+        )
+        for split, arrays in splits.items()
+    }
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir / "head.safetensors") as tmp:
+        save_file({"weight": weight, "bias": bias}, str(tmp))
+    name, tag = text_tower_name(backbone_name)
+    metrics.update(method="zeroshot", text_tower=f"{name}/{tag}", classes=len(class_names))
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
 
 
 def _option(options: Mapping[str, Any], key: str, method: str) -> float:

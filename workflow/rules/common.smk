@@ -24,6 +24,7 @@ from robustft.config import (
 )
 from robustft.data.registry import ID_SPLITS, dataset_options, dataset_sources
 from robustft.data.sources import SOURCES, source_root
+from robustft.zeroshot import CLIP_TEXT_TOWERS
 
 try:
     validate_config(
@@ -55,7 +56,9 @@ for _dataset, _options in DATASET_OPTIONS.items():
 TOYSHIFT_DOMAINS = ("real", "clipart", "sketch", "painting")
 # Methods with fine-tuning runs; lp (probe) and wiseft (weight interpolation of the selected
 # ft/lpft runs) have rules of their own.
-FINETUNE_METHODS = [m for m in config["methods"] if m not in ("lp", "wiseft")]
+FINETUNE_METHODS = [
+    m for m in config["methods"] if m not in ("lp", "wiseft", "zeroshot")
+]
 WISEFT_METHODS = [m for m in config["wiseft"]["methods"] if m in FINETUNE_METHODS]
 LOGS = "results/logs"
 MODELS = "resources/models"
@@ -260,6 +263,10 @@ def get_table_inputs(wildcards):
             inputs[f"{method}/{backbone}"] = (
                 f"results/selected/{method}/{backbone}/{wildcards.dataset}.json"
             )
+        if "zeroshot" in config["methods"] and backbone in CLIP_TEXT_TOWERS:
+            inputs[f"zeroshot/{backbone}"] = (
+                f"results/zeroshot/{backbone}/{wildcards.dataset}/metrics.json"
+            )
         if "wiseft" in config["methods"]:
             inputs[f"wiseft/{backbone}"] = {
                 "curves": get_wiseft_curves(backbone, wildcards.dataset),
@@ -371,7 +378,7 @@ def get_er_inputs(wildcards):
         "selections": {
             key: file
             for key, file in table.items()
-            if not key.startswith(("lp/", "wiseft/"))
+            if not key.startswith(("lp/", "wiseft/", "zeroshot/"))
         },
     }
 
