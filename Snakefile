@@ -14,6 +14,8 @@ include: "workflow/rules/models.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/probe.smk"
 include: "workflow/rules/finetune.smk"
+include: "workflow/rules/wiseft.smk"
+include: "workflow/rules/zeroshot.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/report.smk"
 

@@ -24,8 +24,15 @@ PAPER_JOBS = {
     # 5 (FMoW) 7 (ImageNet)
     "extract_features": 34,
     "fit_probe": 7 * 3,
-    "finetune": 7 * (6 + 6) * 3,  # 7 settings × (FT 6 lrs + LP-FT 6 lrs) × 3 seeds
-    "select_run": 7 * 2,
+    # 7 settings × (FT 6 lrs + LP-FT 6 + L2-SP, L1-SP, KD 2 lrs × 3 values + LoRA 3 lrs × 2
+    # ranks) × 3 seeds
+    "finetune": 7 * (6 + 6 + 3 * 6 + 6) * 3,
+    "select_run": 7 * 6,
+    "wiseft": 7 * 3,
+    "plot_wiseft": 7,
+    # Zero-shot heads for the two CLIP backbones (DomainNet RN50, ImageNet ViT-B/16).
+    "fetch_text_tower": 2,
+    "zeroshot": 2,
     "aggregate_tables": 7,
     # Effective robustness: baseline models for the in-memory CIFAR settings (6 each); the
     # other settings need a published line (baseline.lines), so they get no ER table.
@@ -57,8 +64,10 @@ def test_paper_dry_run_of_one_dataset_plans_only_that_setting(tmp_path):
         "fetch_backbone": 1,
         "extract_features": 4,
         "fit_probe": 3,
-        "finetune": 36,
-        "select_run": 2,
+        "finetune": (6 + 6 + 3 * 6 + 6) * 3,
+        "select_run": 6,
+        "wiseft": 3,
+        "plot_wiseft": 1,
         "aggregate_tables": 1,
         "train_baseline": 6,
         "effective_robustness": 1,

@@ -16,6 +16,7 @@ TINY = ROOT / "configs" / "tiny.yaml"
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
 
 pytestmark = pytest.mark.workflow
+FINETUNED = ("ft", "lpft", "l2sp", "l1sp", "kd", "lora")  # configs/tiny.yaml's fine-tuned methods
 
 
 def snakemake(*args, cwd, check=True, timeout=600):
@@ -44,7 +45,10 @@ def planned_jobs(output):
 def test_dry_run_of_the_default_config_plans_the_whole_dag(tmp_path):
     result = snakemake("-n", "--configfile", str(ROOT / "config.yaml"), cwd=tmp_path)
     jobs = planned_jobs(result.stdout)
-    assert jobs["finetune"] == 2 * 3 * 3  # (ft, lpft) × 3 lrs × 3 seeds
+    # (ft, lpft) × 3 lrs × 3 seeds; (l2sp, l1sp, kd) × 2 values × 3 seeds; lora 1 rank × 3 seeds
+    assert jobs["finetune"] == 2 * 3 * 3 + 3 * 2 * 3 + 3
+    assert jobs["select_run"] == 6
+    assert jobs["wiseft"] == 3 and jobs["plot_wiseft"] == 1
     assert jobs["extract_features"] == 6  # train, val, test + 3 OOD domains
     assert jobs["fit_probe"] == 3
     assert jobs["pretrain_backbone"] == 1 and jobs["generate_toyshift"] == 1
@@ -62,7 +66,11 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_writes_a_complete_table(tiny_run):
     table = pd.read_csv(tiny_run / "results" / "tables" / "summary.csv")
-    assert list(table["method"]) == ["lp", "ft", "lpft"]
+    assert list(table["method"]) == ["lp", "ft", "lpft", "l2sp", "l1sp", "kd", "lora", "wiseft"]
+    hparams = dict(zip(table["method"], table["hparam"], strict=True))
+    assert hparams["l2sp"] in ("lr=0.01, alpha=0.01", "lr=0.01, alpha=0.1")
+    assert hparams["kd"] == "lr=0.01, lambda=0.5" and hparams["lora"] == "lr=0.03, rank=2"
+    assert hparams["wiseft"].startswith("alpha=0.5")
     expected = {
         "dataset",
         "backbone",
@@ -98,6 +106,47 @@ def test_run_folders_hold_history_metrics_model_and_config(tiny_run):
         assert (run_dir / name).stat().st_size > 0
 
 
+def test_new_methods_have_their_own_run_folders_and_merged_weights(tiny_run):
+    root = tiny_run / "results/finetune"
+    for run in (
+        "l2sp/toyresnet/toyshift/lr0.01-alpha0.01",
+        "l2sp/toyresnet/toyshift/lr0.01-alpha0.1",
+        "l1sp/toyresnet/toyshift/lr0.01-alpha0.001",
+        "kd/toyresnet/toyshift/lr0.01-lambda0.5",
+        "lora/toyresnet/toyshift/lr0.03-rank2",
+    ):
+        metrics = json.loads((root / run / "seed0/metrics.json").read_text())
+        assert metrics["run"] == run.rsplit("/", 1)[1]
+    from safetensors.torch import load_file
+
+    lora = load_file(str(root / "lora/toyresnet/toyshift/lr0.03-rank2/seed0/model.safetensors"))
+    ft = load_file(str(root / "ft/toyresnet/toyshift/lr0.01/seed0/model.safetensors"))
+    assert set(lora) == set(ft)  # merged: the plain architecture, no adapter keys
+    selection = json.loads((tiny_run / "results/selected/l2sp/toyresnet/toyshift.json").read_text())
+    assert set(selection["mean_id_val_by_run"]) == {"lr0.01-alpha0.01", "lr0.01-alpha0.1"}
+
+
+def test_wiseft_curves_span_the_pretrained_and_finetuned_models(tiny_run):
+    for seed in (0, 1):
+        curve = pd.read_csv(tiny_run / f"results/wiseft/toyresnet/toyshift/seed{seed}/curve.csv")
+        assert sorted(set(curve["method"])) == ["ft", "lpft"]
+        assert sorted(set(curve["alpha"])) == [0.0, 0.5, 1.0]
+        probe = json.loads(
+            (tiny_run / f"results/probe/toyresnet/toyshift/seed{seed}/metrics.json").read_text()
+        )
+        for method in ("ft", "lpft"):
+            selection = json.loads(
+                (tiny_run / f"results/selected/{method}/toyresnet/toyshift.json").read_text()
+            )
+            run = next(r for r in selection["runs"] if r["seed"] == seed)
+            rows = curve[curve["method"] == method].set_index("alpha")
+            for column in ("id_val", "id_test", "ood_real"):
+                # α = 0: the pretrained backbone with the probe head; α = 1: the selected run.
+                assert rows.loc[0.0, column] == pytest.approx(probe[column], abs=1e-9)
+                assert rows.loc[1.0, column] == pytest.approx(run[column], abs=1e-9)
+    assert (tiny_run / "results/plots/wiseft_toyshift.png").stat().st_size > 1000
+
+
 def test_lpft_starts_from_the_probe(tiny_run):
     """Epoch 0 of LP-FT is the probe itself: same ID val and OOD accuracy."""
     probe = json.loads(
@@ -112,10 +161,10 @@ def test_lpft_starts_from_the_probe(tiny_run):
 
 def test_effective_robustness_table_has_every_epoch_and_the_baseline(tiny_run):
     table = pd.read_csv(tiny_run / "results/analysis/er/toyshift.csv")
-    assert set(table["method"]) == {"baseline", "lp", "ft", "lpft"}
+    assert set(table["method"]) == {"baseline", "lp", *FINETUNED}
     assert (table["method"] == "baseline").sum() == 3  # the tiny config's baseline models
     # Selected runs: 2 seeds × epochs 0, 1, 2 for each fine-tuning method.
-    for method in ("ft", "lpft"):
+    for method in FINETUNED:
         rows = table[table["method"] == method]
         assert sorted(rows["epoch"]) == [0, 0, 1, 1, 2, 2]
     for column in ("er_pts", "er_pts_real", "er_pts_clipart", "er_pts_painting"):
@@ -135,9 +184,9 @@ def test_effective_robustness_table_has_every_epoch_and_the_baseline(tiny_run):
 
 def test_feature_distortion_covers_every_selected_run_and_split(tiny_run):
     table = pd.read_csv(tiny_run / "results/analysis/distortion/toyshift.csv")
-    assert set(table["method"]) == {"ft", "lpft"}
+    assert set(table["method"]) == set(FINETUNED)
     assert set(table["split"]) == {"id_train", "id_test", "ood_real", "ood_clipart", "ood_painting"}
-    assert len(table) == 2 * 2 * 5  # methods × seeds × splits
+    assert len(table) == len(FINETUNED) * 2 * 5  # methods × seeds × splits
     assert ((table["cka"] > 0) & (table["cka"] <= 1 + 1e-9)).all()
     assert (table["relative_change"] >= 0).all()
     # A run whose best epoch is 0 is the pretrained backbone: no distortion at all.
@@ -160,6 +209,7 @@ def test_the_report_holds_every_plot_and_table(tiny_run):
         "er_toyshift.png",
         "id_vs_ood_logit_toyshift.png",
         "distortion_toyshift.png",
+        "wiseft_toyshift.png",
         "summary.csv",
         "toyshift.csv",
     ):
@@ -176,9 +226,12 @@ def test_changing_a_finetuning_key_reruns_only_finetuning_and_what_follows(tiny_
         "-n", "--configfile", str(TINY), "--config", "finetune={'epochs': 3}", cwd=tiny_run
     )
     jobs = planned_jobs(result.stdout)
-    assert jobs.pop("finetune") == 2 * 2 + 1 * 2  # ft: 2 lrs × 2 seeds; lpft: 1 lr × 2 seeds
+    # ft: 2 lrs, lpft: 1, l2sp: 2 α, l1sp, kd, lora: 1 each; × 2 seeds
+    assert jobs.pop("finetune") == (2 + 1 + 2 + 1 + 1 + 1) * 2
     assert set(jobs) == {
         "select_run",
+        "wiseft",
+        "plot_wiseft",
         "aggregate_tables",
         "summary_table",
         "plot_id_vs_ood",

@@ -108,7 +108,7 @@ def effective_robustness_table(
                     {
                         "method": method,
                         "backbone": backbone,
-                        "model": f"lr{selection['lr']:g}",
+                        "model": selection.get("run") or f"lr{selection['lr']:g}",
                         "seed": run["seed"],
                         "epoch": int(record["epoch"]),
                         **_accuracies(record, ood_splits, where=str(history_path)),

@@ -31,6 +31,40 @@ def format_hparam(value: float | int | str) -> str:
     return f"{number:g}"
 
 
+# Hyper-parameters a fine-tuning method sweeps besides lr: {method: {folder key: config key of
+# its grid under finetune.<method>}}. A run folder is "lr{lr}" then "-{key}{value}" for each,
+# e.g. lr0.01-alpha0.1, every value in its format_hparam spelling.
+SWEPT_HPARAMS: dict[str, dict[str, str]] = {
+    "ft": {},
+    "lpft": {},
+    "l2sp": {"alpha": "alpha_grid"},
+    "l1sp": {"alpha": "alpha_grid"},
+    "kd": {"lambda": "lambda_grid"},
+    "lora": {"rank": "rank_grid"},
+}
+GRID_KEYS = frozenset({"lr_grid"} | {k for keys in SWEPT_HPARAMS.values() for k in keys.values()})
+_FOLDER_PART = re.compile(r"([a-z]+)([0-9][0-9.e+-]*?)(?=-[a-z]|$)")
+
+
+def hparam_folder(hparams: Mapping[str, float | int | str]) -> str:
+    """The run folder name of one point of a sweep: lr first, then the others in given order."""
+    if "lr" not in hparams:
+        raise ValueError(f"hyper-parameters {dict(hparams)} lack 'lr'")
+    others = [key for key in hparams if key != "lr"]
+    return "-".join(f"{key}{format_hparam(hparams[key])}" for key in ["lr", *others])
+
+
+def parse_hparam_folder(name: str) -> dict[str, float]:
+    """Inverse of `hparam_folder`: "lr0.01-alpha0.1" → {"lr": 0.01, "alpha": 0.1}."""
+    parts = _FOLDER_PART.findall(name)
+    if not parts or "-".join(key + value for key, value in parts) != name:
+        raise ValueError(f"{name!r} is not a run folder name such as lr0.01 or lr0.01-alpha0.1")
+    values = {key: float(value) for key, value in parts}
+    if "lr" not in values:
+        raise ValueError(f"{name!r}: run folder names start with lr")
+    return values
+
+
 def load_schema(path: str | Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as handle:
         return yaml.safe_load(handle)
@@ -135,7 +169,7 @@ def validate_config(config: dict[str, Any], schema: Mapping[str, Any]) -> dict[s
 def _check_cross_references(config: dict[str, Any]) -> None:
     """Checks a JSON schema cannot express: values that must agree with one another."""
     for method in config["methods"]:
-        if method == "lp":
+        if method in ("lp", "wiseft", "zeroshot"):
             continue
         grid = config["finetune"][method]["lr_grid"]
         spellings = [format_hparam(lr) for lr in grid]
@@ -144,6 +178,18 @@ def _check_cross_references(config: dict[str, Any]) -> None:
         if len(set(spellings)) != len(spellings):
             raise ConfigError(
                 f"config key 'finetune.{method}.lr_grid': duplicate learning rate in {grid}"
+            )
+    if "wiseft" in config["methods"]:
+        wiseft = config["wiseft"]
+        endpoints = [m for m in wiseft["methods"] if m in config["methods"]]
+        if not endpoints:
+            raise ConfigError(
+                f"config key 'wiseft.methods': none of {wiseft['methods']} is in 'methods'"
+            )
+        if not any(abs(a - wiseft["report_alpha"]) < 1e-9 for a in wiseft["alpha_grid"]):
+            raise ConfigError(
+                f"config key 'wiseft.report_alpha': {wiseft['report_alpha']} is not in "
+                "wiseft.alpha_grid"
             )
     c_grid = config["probe"]["c_grid"]
     if c_grid["log10_min"] > c_grid["log10_max"]:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from robustft.config import hparam_folder
 from robustft.io import atomic_path, read_json, write_json
 
 Z_90 = 1.645  # two-sided 90% normal interval, as in Kumar et al. 2022
@@ -73,13 +74,70 @@ def selected_row(
     *, method: str, selection_file: str | Path, ood_splits: Sequence[str]
 ) -> dict[str, Any]:
     selection = read_json(selection_file)
+    hparams = selection.get("hparams") or {"lr": selection["lr"]}
+    names = ["lr", *sorted(key for key in hparams if key != "lr")]  # JSON files sort keys
     return summarize_runs(
         method=method,
         runs=selection["runs"],
         ood_splits=ood_splits,
-        hparam_name="lr",
-        hparam_value=f"{selection['lr']:g}",
+        hparam_name=names[0],
+        hparam_value=", ".join(
+            [f"{hparams[names[0]]:g}", *(f"{name}={hparams[name]:g}" for name in names[1:])]
+        ),
     )
+
+
+def wiseft_row(
+    *, curve_files: Sequence[str | Path], alpha: float, endpoint: str, ood_splits: Sequence[str]
+) -> dict[str, Any]:
+    """The WiSE-FT row: every seed's curve at a fixed α, interpolating toward `endpoint`'s
+    selected run."""
+    runs = []
+    for path in curve_files:
+        curve = pd.read_csv(path)
+        rows = curve[(curve["method"] == endpoint) & np.isclose(curve["alpha"], alpha)]
+        if rows.empty:
+            raise ValueError(f"{path}: no row for method {endpoint!r} at alpha {alpha:g}")
+        runs.append(rows.iloc[0].to_dict())
+    return summarize_runs(
+        method="wiseft",
+        runs=runs,
+        ood_splits=ood_splits,
+        hparam_name="alpha",
+        hparam_value=f"{alpha:g} ({endpoint} {runs[0]['run']})",
+    )
+
+
+def plot_wiseft(*, curve_files: Sequence[str | Path], out_path: str | Path) -> None:
+    """ID test (x) against mean OOD (y) along α, one line per (backbone, method), mean over
+    seeds; α = 0 (pretrained + LP head) and α = 1 (the fine-tuned run) are marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = []
+    for path in curve_files:
+        frame = pd.read_csv(path)
+        frame["backbone"] = Path(path).parents[2].name
+        frames.append(frame)
+    curves = pd.concat(frames, ignore_index=True)
+    mean = curves.groupby(["backbone", "method", "alpha"], sort=True)[["id_test", "ood"]].mean()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for (backbone, method), rows in mean.groupby(level=[0, 1]):
+        x, y = 100 * rows["id_test"].to_numpy(), 100 * rows["ood"].to_numpy()
+        ax.plot(x, y, "o-", markersize=3, label=f"{method} · {backbone}")
+        ax.annotate("α=0", (x[0], y[0]), textcoords="offset points", xytext=(4, -10))
+        ax.annotate("α=1", (x[-1], y[-1]), textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("ID test accuracy (%)")
+    ax.set_ylabel("OOD accuracy, mean of splits (%)")
+    ax.set_title("WiSE-FT: (1 − α)·θ₀ + α·θ₁")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -160,12 +218,28 @@ def aggregate_dataset(
     md_path: str | Path,
 ) -> pd.DataFrame:
     """The table of one dataset: a row per (backbone, method), from `sources`, which maps
-    "method/backbone" to the probe metrics of every seed (lp) or a `select_run` file."""
+    "method/backbone" to the probe metrics of every seed (lp), a `select_run` file, or for
+    wiseft {"curves": [curve.csv per seed], "alpha": α, "endpoint": "ft"}."""
     rows = []
     for key, files in sources.items():
         method, backbone = key.split("/", 1)
         if method == "lp":
             row = probe_row(metrics_files=list(files), ood_splits=ood_splits)
+        elif method == "zeroshot":
+            row = summarize_runs(
+                method="zeroshot",
+                runs=[read_json(files)],
+                ood_splits=ood_splits,
+                hparam_name="templates",
+                hparam_value="80",
+            )
+        elif method == "wiseft":
+            row = wiseft_row(
+                curve_files=list(files["curves"]),
+                alpha=float(files["alpha"]),
+                endpoint=files["endpoint"],
+                ood_splits=ood_splits,
+            )
         else:
             row = selected_row(method=method, selection_file=str(files), ood_splits=ood_splits)
         rows.append({"dataset": dataset, "backbone": backbone, **row})
@@ -184,24 +258,33 @@ def summary_table(
 
 
 def select_run(*, metrics_files: Sequence[str | Path], out_path: str | Path) -> dict[str, Any]:
-    """Best learning rate by mean ID val accuracy over seeds (ties: the smaller lr)."""
-    by_lr: dict[float, list[dict[str, Any]]] = {}
+    """Best hyper-parameters (lr, and a method's own α, λ or rank) by mean ID val accuracy over
+    seeds; ties go to the first in sorted order (the smaller lr, then the smaller other value).
+    """
+    by_point: dict[tuple[tuple[str, float], ...], list[dict[str, Any]]] = {}
     for path in metrics_files:
         metrics = read_json(path)
         missing = [key for key in ("lr", "seed", "id_val") if key not in metrics]
         if missing:
             raise ValueError(f"{path}: run metrics lack {missing}")
         metrics["path"] = str(path)
-        by_lr.setdefault(float(metrics["lr"]), []).append(metrics)
-    if not by_lr:
+        hparams = metrics.get("hparams") or {"lr": metrics["lr"]}
+        key = tuple((name, float(value)) for name, value in hparams.items())
+        by_point.setdefault(key, []).append(metrics)
+    if not by_point:
         raise ValueError("no runs to select from")
-    means = {lr: float(np.mean([run["id_val"] for run in runs])) for lr, runs in by_lr.items()}
-    best_lr = max(sorted(means), key=lambda lr: means[lr])
+    means = {
+        point: float(np.mean([run["id_val"] for run in runs])) for point, runs in by_point.items()
+    }
+    ordered = sorted(means, key=lambda point: tuple(value for _, value in point))
+    best = max(ordered, key=lambda point: means[point])
     selection = {
-        "lr": best_lr,
-        "mean_id_val": means[best_lr],
-        "mean_id_val_by_lr": {f"{lr:g}": value for lr, value in sorted(means.items())},
-        "runs": sorted(by_lr[best_lr], key=lambda run: run["seed"]),
+        "lr": dict(best)["lr"],
+        "hparams": dict(best),
+        "run": hparam_folder(dict(best)),
+        "mean_id_val": means[best],
+        "mean_id_val_by_run": {hparam_folder(dict(point)): means[point] for point in ordered},
+        "runs": sorted(by_point[best], key=lambda run: run["seed"]),
     }
     write_json(out_path, selection)
     return selection

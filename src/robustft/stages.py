@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from robustft import __version__
+from robustft.config import hparam_folder
 from robustft.data.datasets import ArrayImageDataset, as_torch_dataset, train_transform
 from robustft.data.registry import ID_SPLITS, ImageArrays, load_split, split_column, take
 from robustft.evaluate import accuracy
@@ -31,7 +32,8 @@ from robustft.features import (
     resolve_precision,
     write_features,
 )
-from robustft.io import sha256_file, write_csv, write_json
+from robustft.io import atomic_path, sha256_file, write_csv, write_json
+from robustft.methods import WeightPenalty, apply_lora, distillation_objective, merged_copy
 from robustft.models import (
     ImageClassifier,
     Preprocess,
@@ -45,6 +47,7 @@ from robustft.training import Checkpointing, TrainSettings, train_classifier
 log = logging.getLogger(__name__)
 
 METHODS_WITH_PROBE_HEAD = ("lpft",)
+FINETUNE_METHODS = ("ft", "lpft", "l2sp", "l1sp", "kd", "lora")
 
 
 def environment_info() -> dict[str, Any]:
@@ -247,6 +250,8 @@ def run_finetune(
     freeze_bn: bool,
     augment: bool,
     save_epochs: Sequence[int] = (),
+    hparams: Mapping[str, float] | None = None,
+    method_options: Mapping[str, Any] | None = None,
     probe_dir: str | Path | None = None,
     state_dir: str | Path | None = None,
     checkpoint_minutes: float = 5.0,
@@ -257,7 +262,14 @@ def run_finetune(
     num_workers: int = 0,
     precision: str = "auto",
 ) -> dict[str, Any]:
-    """Fine-tune the whole network (FT: new random head; LP-FT: head from the probe).
+    """Fine-tune with one of FINETUNE_METHODS, all through the one training loop.
+
+    ft: new random head, every parameter trains; lpft: head from the probe; l2sp / l1sp: as ft
+    plus a penalty toward the pretrained backbone (`alpha`, and `beta` on the head for l2sp);
+    kd: as ft with (1 − λ)·CE + λ·KL toward the pretrained backbone with the probe head
+    (`lambda`, `temperature`); lora: peft adapters on the backbone (`rank`, `lora_alpha`,
+    `target`), head trained in full, merged weights saved. `hparams` are the swept values
+    besides lr (they name the run folder), `method_options` the method's fixed settings.
 
     `precision`: auto = bf16 autocast on a GPU, fp32 on a CPU (see `resolve_precision`).
 
@@ -271,7 +283,7 @@ def run_finetune(
         split: load_split(dataset=dataset, split=split, root=data_root, options=data_options)
         for split in (*ID_SPLITS, *ood_splits)
     }
-    options = data_options or {}
+    data_opts = data_options or {}
     num_classes = len(splits["train"].class_names)
     torch.manual_seed(seed)  # the new head's initialisation depends on the seed only
     model = ImageClassifier(backbone=backbone, num_classes=num_classes, preprocess=preprocess)
@@ -287,8 +299,45 @@ def run_finetune(
         with torch.no_grad():
             model.head.weight.copy_(weight)
             model.head.bias.copy_(bias)
-    elif method != "ft":
-        raise ValueError(f"unknown fine-tuning method {method!r}; known: ft, lpft")
+    elif method not in FINETUNE_METHODS:
+        raise ValueError(
+            f"unknown fine-tuning method {method!r}; known: {', '.join(FINETUNE_METHODS)}"
+        )
+    hparams = {key: float(value) for key, value in (hparams or {}).items()}
+    options = {**(method_options or {}), **hparams}
+    loss_fn, extra_loss = None, None
+    if method in ("l2sp", "l1sp"):
+        extra_loss = WeightPenalty(
+            model=model,
+            kind=method[:2],
+            alpha=_option(options, "alpha", method),
+            beta=float(options.get("beta", 0.0)) if method == "l2sp" else 0.0,
+        )
+    elif method == "kd":
+        if probe_dir is None:
+            raise ValueError("method 'kd' needs the probe's head (probe_dir) for its teacher")
+        teacher_backbone, _, _ = load_backbone(model_dir)
+        teacher = ImageClassifier(
+            backbone=teacher_backbone, num_classes=num_classes, preprocess=preprocess
+        )
+        weight, bias = load_probe_head(probe_dir)
+        if tuple(weight.shape) != tuple(teacher.head.weight.shape):
+            raise ValueError(f"{probe_dir}: probe head {tuple(weight.shape)} does not fit")
+        with torch.no_grad():
+            teacher.head.weight.copy_(weight)
+            teacher.head.bias.copy_(bias)
+        loss_fn, extra_loss = distillation_objective(
+            teacher=teacher,
+            weight=_option(options, "lambda", method),
+            temperature=_option(options, "temperature", method),
+        )
+    elif method == "lora":
+        apply_lora(
+            model,
+            rank=int(_option(options, "rank", method)),
+            alpha=_option(options, "lora_alpha", method),
+            target=str(options.get("target", "auto")),
+        )
     settings = TrainSettings(
         epochs=epochs,
         lr=lr,
@@ -300,7 +349,7 @@ def run_finetune(
         num_workers=num_workers,
         precision=resolve_precision(precision, device),
     )
-    eval_transform = options.get("eval_transform", "resize")
+    eval_transform = data_opts.get("eval_transform", "resize")
     eval_sets = {
         split_column(split): as_torch_dataset(
             arrays, preprocess=preprocess, transform=eval_transform
@@ -309,7 +358,7 @@ def run_finetune(
         if split != "train"
     }
     train_set = as_torch_dataset(
-        splits["train"], preprocess=preprocess, transform=options.get("train_transform", "resize")
+        splits["train"], preprocess=preprocess, transform=data_opts.get("train_transform", "resize")
     )
     checkpointing = None
     if state_dir is not None:
@@ -319,7 +368,8 @@ def run_finetune(
             "settings": asdict(settings),
             "augment": augment,
             "save_epochs": sorted(save_epochs),
-            "data_options": dict(options),
+            "method_options": options,
+            "data_options": dict(data_opts),
             "backbone_sha256": backbone_meta["sha256"],
             "probe_head_sha256": (
                 sha256_file(Path(probe_dir) / "head.safetensors") if probe_dir else None
@@ -335,9 +385,13 @@ def run_finetune(
         )
     out_dir = Path(out_dir)
 
+    def plain(trained: torch.nn.Module) -> torch.nn.Module:
+        # LoRA runs are saved merged: the plain architecture every later rule loads.
+        return merged_copy(trained) if method == "lora" else trained
+
     def keep_checkpoint(epoch: int, trained: torch.nn.Module) -> None:
         if epoch in save_epochs:
-            save_model(trained, out_dir / "checkpoints" / f"epoch{epoch}.safetensors")
+            save_model(plain(trained), out_dir / "checkpoints" / f"epoch{epoch}.safetensors")
 
     if 0 in save_epochs:
         keep_checkpoint(0, model)
@@ -352,14 +406,18 @@ def run_finetune(
         batch_transform=train_transform(augment=augment),
         checkpointing=checkpointing,
         on_epoch_end=keep_checkpoint,
+        loss_fn=loss_fn,
+        extra_loss=extra_loss,
     )
     model.load_state_dict(result.best_state)
-    save_model(model, out_dir / "model.safetensors")
+    save_model(plain(model), out_dir / "model.safetensors")
     write_csv(out_dir / "history.csv", result.history)
     best = result.history[result.best_epoch]
     metrics = {
         "method": method,
         "lr": lr,
+        "hparams": {"lr": lr, **hparams},
+        "run": hparam_folder({"lr": lr, **hparams}),
         "seed": seed,
         "best_epoch": result.best_epoch,
         "diverged": result.diverged,
@@ -374,8 +432,9 @@ def run_finetune(
             "probe_dir": str(probe_dir) if probe_dir else None,
             "settings": asdict(settings),
             "augment": augment,
+            "method_options": options,
             "ood_splits": list(ood_splits),
-            "data_options": dict(options),
+            "data_options": dict(data_opts),
             "device": device,
             "resolved_config": dict(resolved_config or {}),
             "environment": environment_info(),
@@ -385,6 +444,150 @@ def run_finetune(
     if checkpointing is not None:
         checkpointing.discard()
     return metrics
+
+
+def run_wiseft(
+    *,
+    dataset: str,
+    data_root: str | Path | Mapping[str, str | Path],
+    model_dir: str | Path,
+    probe_dir: str | Path,
+    selection_files: Mapping[str, str | Path],
+    seed: int,
+    alphas: Sequence[float],
+    ood_splits: Sequence[str],
+    out_path: str | Path,
+    batch_size: int = 512,
+    device: str = "cpu",
+    data_options: Mapping[str, Any] | None = None,
+    num_workers: int = 0,
+) -> list[dict[str, Any]]:
+    """WiSE-FT curve of one seed: for each selected method's run of that seed (θ₁) and each α,
+    evaluate θ_α = (1 − α)·θ₀ + α·θ₁ on ID val, ID test and every OOD split, where θ₀ is the
+    pretrained backbone with the probe head of the same seed. Writes one row per (method, α).
+    """
+    from safetensors.torch import load_file
+
+    from robustft.io import read_json
+    from robustft.wiseft import interpolate_state_dicts
+
+    backbone, preprocess, _ = load_backbone(model_dir)
+    splits = {
+        split: load_split(dataset=dataset, split=split, root=data_root, options=data_options)
+        for split in (*ID_SPLITS, *ood_splits)
+        if split != "train"
+    }
+    num_classes = len(splits["val"].class_names)
+    model = ImageClassifier(backbone=backbone, num_classes=num_classes, preprocess=preprocess)
+    weight, bias = load_probe_head(probe_dir)
+    with torch.no_grad():
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(bias)
+    theta0 = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    eval_transform = (data_options or {}).get("eval_transform", "resize")
+    eval_sets = {
+        split_column(split): as_torch_dataset(
+            arrays, preprocess=preprocess, transform=eval_transform
+        )
+        for split, arrays in splits.items()
+    }
+    rows: list[dict[str, Any]] = []
+    for method, selection_file in selection_files.items():
+        selection = read_json(selection_file)
+        runs = [run for run in selection["runs"] if int(run["seed"]) == int(seed)]
+        if not runs:
+            raise ValueError(f"{selection_file}: no selected run with seed {seed}")
+        weights = Path(runs[0]["path"]).parent / "model.safetensors"
+        theta1 = load_file(str(weights))
+        for alpha in alphas:
+            model.load_state_dict(
+                interpolate_state_dicts(theta0=theta0, theta1=theta1, alpha=float(alpha))
+            )
+            scores = {
+                name: accuracy(
+                    model, data, batch_size=batch_size, device=device, num_workers=num_workers
+                )
+                for name, data in eval_sets.items()
+            }
+            ood = [scores[split_column(split)] for split in ood_splits]
+            rows.append(
+                {
+                    "method": method,
+                    "run": selection.get("run", ""),
+                    "seed": int(seed),
+                    "alpha": float(alpha),
+                    **scores,
+                    "ood": float(np.mean(ood)) if ood else float("nan"),
+                }
+            )
+            log.info("%s α=%.2f: %s", method, alpha, {k: round(v, 4) for k, v in scores.items()})
+    write_csv(out_path, rows)
+    return rows
+
+
+def run_zeroshot(
+    *,
+    backbone_name: str,
+    dataset: str,
+    data_root: str | Path | Mapping[str, str | Path],
+    model_dir: str | Path,
+    text_cache: str | Path,
+    ood_splits: Sequence[str],
+    out_dir: str | Path,
+    batch_size: int = 512,
+    device: str = "cpu",
+    data_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The zero-shot CLIP model of a setting: the pretrained image tower with the text tower's
+    head for the dataset's class names (`zeroshot.zeroshot_head`), evaluated on ID val, ID test
+    and every OOD split. Writes `head.safetensors` (weight, bias) and `metrics.json`."""
+    from safetensors.torch import save_file
+
+    from robustft.zeroshot import load_text_tower, text_tower_name, zeroshot_head
+
+    backbone, preprocess, _ = load_backbone(model_dir)
+    splits = {
+        split: load_split(dataset=dataset, split=split, root=data_root, options=data_options)
+        for split in (*ID_SPLITS, *ood_splits)
+        if split != "train"
+    }
+    class_names = splits["val"].class_names
+    text_model, tokenizer = load_text_tower(backbone=backbone_name, cache_dir=text_cache)
+    weight, bias = zeroshot_head(
+        model=text_model, tokenizer=tokenizer, class_names=class_names, device=device
+    )
+    if weight.shape[1] != backbone.num_features:
+        raise ValueError(
+            f"backbone {backbone_name!r} gives {backbone.num_features}-d features but its text "
+            f"tower {weight.shape[1]}-d: set backbone_options.{backbone_name}.embedding: projected"
+        )
+    model = ImageClassifier(backbone=backbone, num_classes=len(class_names), preprocess=preprocess)
+    with torch.no_grad():
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(bias)
+    eval_transform = (data_options or {}).get("eval_transform", "resize")
+    metrics: dict[str, Any] = {
+        split_column(split): accuracy(
+            model,
+            as_torch_dataset(arrays, preprocess=preprocess, transform=eval_transform),
+            batch_size=batch_size,
+            device=device,
+        )
+        for split, arrays in splits.items()
+    }
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir / "head.safetensors") as tmp:
+        save_file({"weight": weight, "bias": bias}, str(tmp))
+    name, tag = text_tower_name(backbone_name)
+    metrics.update(method="zeroshot", text_tower=f"{name}/{tag}", classes=len(class_names))
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _option(options: Mapping[str, Any], key: str, method: str) -> float:
+    if options.get(key) is None:
+        raise ValueError(f"method {method!r} needs config key 'finetune.{method}.{key}'")
+    return float(options[key])
 
 
 def train_baseline(

@@ -1,7 +1,8 @@
 """One training loop for every way of training a classifier in this project.
 
-Pretraining the toy backbone, FT and LP-FT all go through `train_classifier`; they differ
-only in the model they pass in (initialisation), `freeze_bn`, and the settings.
+Pretraining the toy backbone and every fine-tuning method go through `train_classifier`; they
+differ only in the model they pass in (initialisation, which parameters require grad),
+`freeze_bn`, the settings, and an optional extra loss term (`ExtraLoss`: L1/L2-SP, KD).
 
 The loop can save resumable state (`Checkpointing`) every epoch, every few minutes and on
 SIGTERM; a rerun with the same state file continues where it stopped and ends with exactly
@@ -57,6 +58,11 @@ class TrainResult:
 
 
 STATE_FORMAT = 1
+
+# extra_loss(model=..., images=..., logits=..., labels=...) -> scalar added to the loss. It
+# must be a function of the model and the batch only (state it holds, such as w₀ or a frozen
+# teacher, is rebuilt identically by the caller), so that resumed runs stay exact.
+ExtraLoss = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,7 @@ def train_classifier(
     batch_transform: BatchTransform = to_float,
     checkpointing: Checkpointing | None = None,
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+    extra_loss: ExtraLoss | None = None,
 ) -> TrainResult:
     """SGD with momentum and a per-step cosine schedule; evaluates every split each epoch.
 
@@ -133,6 +140,8 @@ def train_classifier(
     With `checkpointing`, state is saved after every epoch, every `every_seconds` and when
     SIGTERM arrives (then `StopRequested` is raised); a call that finds matching state resumes.
     `on_epoch_end(epoch, model)` runs after each epoch's evaluation (to keep checkpoints).
+    `extra_loss(model=, images=, logits=, labels=)` is added to `loss_fn` at every step (the
+    augmented images the model saw); the logged train loss includes it.
     """
     if select_on not in eval_sets:
         raise ValueError(f"select_on={select_on!r} is not one of the eval sets {list(eval_sets)}")
@@ -248,9 +257,14 @@ def train_classifier(
             for images, labels in loader:
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
+                inputs = batch_transform(images, generator)
                 with autocast(device=device, precision=settings.precision):
-                    logits = model(batch_transform(images, generator)).float()
+                    logits = model(inputs).float()
                 loss = loss_fn(logits, labels)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(
+                        model=model, images=inputs, logits=logits, labels=labels
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -13,9 +13,18 @@ os.environ.update(
     PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.getenv("PYTHONPATH")]))
 )
 
-from robustft.config import ConfigError, format_hparam, load_schema, validate_config
+from robustft.config import (
+    GRID_KEYS,
+    SWEPT_HPARAMS,
+    ConfigError,
+    format_hparam,
+    hparam_folder,
+    load_schema,
+    validate_config,
+)
 from robustft.data.registry import ID_SPLITS, dataset_options, dataset_sources
 from robustft.data.sources import SOURCES, source_root
+from robustft.zeroshot import CLIP_TEXT_TOWERS
 
 try:
     validate_config(
@@ -45,7 +54,12 @@ for _dataset, _options in DATASET_OPTIONS.items():
             )
 
 TOYSHIFT_DOMAINS = ("real", "clipart", "sketch", "painting")
-FINETUNE_METHODS = [method for method in config["methods"] if method != "lp"]
+# Methods with fine-tuning runs; lp (probe) and wiseft (weight interpolation of the selected
+# ft/lpft runs) have rules of their own.
+FINETUNE_METHODS = [
+    m for m in config["methods"] if m not in ("lp", "wiseft", "zeroshot")
+]
+WISEFT_METHODS = [m for m in config["wiseft"]["methods"] if m in FINETUNE_METHODS]
 LOGS = "results/logs"
 MODELS = "resources/models"
 # Downloaded weights, in the Hugging Face cache layout (HF_HUB_CACHE=resources/models/hub).
@@ -163,6 +177,20 @@ def get_lr_grid(method, dataset):
     return [format_hparam(lr) for lr in own or config["finetune"][method]["lr_grid"]]
 
 
+def get_run_grid(method, dataset):
+    """Run folder names of a method's sweep: lr × its own swept hyper-parameter (α, λ or
+    rank), each value in its one canonical spelling, e.g. lr0.01-alpha0.1."""
+    from itertools import product
+
+    names = list(SWEPT_HPARAMS[method])
+    grids = [config["finetune"][method][SWEPT_HPARAMS[method][name]] for name in names]
+    return [
+        hparam_folder({"lr": lr, **dict(zip(names, values))})
+        for lr in get_lr_grid(method, dataset)
+        for values in product(*grids)
+    ]
+
+
 def get_c_grid():
     import numpy as np
 
@@ -177,37 +205,45 @@ def get_finetune_settings(method, dataset):
     shared = {
         key: value
         for key, value in config["finetune"].items()
-        if key not in {"ft", "lpft", "checkpoint_minutes"}
+        if key not in {*SWEPT_HPARAMS, "checkpoint_minutes"}
     }
-    own = {
+    own = config["finetune"][method]
+    # The method's fixed settings (β, temperature, LoRA alpha and target); the swept ones
+    # come from the run folder name.
+    method_options = {
         key: value
-        for key, value in config["finetune"][method].items()
-        if key != "lr_grid"
+        for key, value in own.items()
+        if key not in GRID_KEYS and key != "freeze_bn"
     }
     overrides = {
         key: value
         for key, value in get_finetune_overrides(dataset).items()
-        if key not in {"ft", "lpft"} and value is not None
+        if key not in SWEPT_HPARAMS and value is not None
     }
-    return {**shared, **own, **overrides}
+    return {
+        **shared,
+        "freeze_bn": own["freeze_bn"],
+        "method_options": method_options,
+        **overrides,
+    }
 
 
 def get_probe_files(wildcards):
     folder = (
         f"results/probe/{wildcards.backbone}/{wildcards.dataset}/seed{wildcards.seed}"
     )
-    if wildcards.method == "lpft":
+    if wildcards.method in ("lpft", "kd"):  # LP-FT's initial head, KD's teacher head
         return {"probe_head": f"{folder}/head.safetensors"}
     return {}
 
 
 def get_run_metrics(wildcards):
     return expand(
-        "results/finetune/{method}/{backbone}/{dataset}/lr{lr}/seed{seed}/metrics.json",
+        "results/finetune/{method}/{backbone}/{dataset}/{run}/seed{seed}/metrics.json",
         method=wildcards.method,
         backbone=wildcards.backbone,
         dataset=wildcards.dataset,
-        lr=get_lr_grid(wildcards.method, wildcards.dataset),
+        run=get_run_grid(wildcards.method, wildcards.dataset),
         seed=config["seeds"],
     )
 
@@ -227,13 +263,53 @@ def get_table_inputs(wildcards):
             inputs[f"{method}/{backbone}"] = (
                 f"results/selected/{method}/{backbone}/{wildcards.dataset}.json"
             )
+        if "zeroshot" in config["methods"] and backbone in CLIP_TEXT_TOWERS:
+            inputs[f"zeroshot/{backbone}"] = (
+                f"results/zeroshot/{backbone}/{wildcards.dataset}/metrics.json"
+            )
+        if "wiseft" in config["methods"]:
+            inputs[f"wiseft/{backbone}"] = {
+                "curves": get_wiseft_curves(backbone, wildcards.dataset),
+                "alpha": config["wiseft"]["report_alpha"],
+                "endpoint": WISEFT_METHODS[0],
+            }
     return inputs
+
+
+def get_wiseft_curves(backbone, dataset):
+    return expand(
+        "results/wiseft/{backbone}/{dataset}/seed{seed}/curve.csv",
+        backbone=backbone,
+        dataset=dataset,
+        seed=config["seeds"],
+    )
+
+
+def get_wiseft_inputs(wildcards):
+    """The probe head (θ₀'s head) of the seed and the selections of the θ₁ runs."""
+    return {
+        "probe_head": (
+            f"results/probe/{wildcards.backbone}/{wildcards.dataset}/"
+            f"seed{wildcards.seed}/head.safetensors"
+        ),
+        **{
+            f"selected_{method}": (
+                f"results/selected/{method}/{wildcards.backbone}/{wildcards.dataset}.json"
+            )
+            for method in WISEFT_METHODS
+        },
+    }
 
 
 def get_table_files(wildcards):
     files = []
     for value in get_table_inputs(wildcards).values():
-        files += [value] if isinstance(value, str) else list(value)
+        if isinstance(value, str):
+            files.append(value)
+        elif isinstance(value, dict):
+            files += list(value["curves"])
+        else:
+            files += list(value)
     return files
 
 
@@ -300,7 +376,9 @@ def get_er_inputs(wildcards):
             if key.startswith("lp/")
         },
         "selections": {
-            key: file for key, file in table.items() if not key.startswith("lp/")
+            key: file
+            for key, file in table.items()
+            if not key.startswith(("lp/", "wiseft/", "zeroshot/"))
         },
     }
 
@@ -352,6 +430,10 @@ def get_final_outputs():
         "results/tables/summary.csv",
         "results/plots/id_vs_ood.png",
     ]
+    if "wiseft" in config["methods"]:
+        outputs += expand(
+            "results/plots/wiseft_{dataset}.png", dataset=config["datasets"]
+        )
     if config["analysis"]["effective_robustness"]:
         outputs += [
             f"results/analysis/er/{dataset}.csv"
@@ -374,7 +456,7 @@ wildcard_constraints:
     baseline=_alternatives(
         sorted({name for d in config["datasets"] for name in get_baseline_models(d)})
     ),
-    lr=r"[0-9][0-9.e+-]*",
+    run=r"lr[0-9][0-9.e+-]*(-[a-z]+[0-9][0-9.e+-]*)*",
     split=_alternatives(
         sorted(
             {split for dataset in config["datasets"] for split in get_splits(dataset)}

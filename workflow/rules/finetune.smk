@@ -1,4 +1,5 @@
-# Fine-tuning (FT, LP-FT): one run per method, learning rate and seed; then the best lr.
+# Fine-tuning (FT, LP-FT, L2-SP, L1-SP, KD, LoRA): one run per method, point of its sweep
+# ({run} = lr0.01 or lr0.01-alpha0.1, see config.SWEPT_HPARAMS) and seed; then the best point.
 
 
 rule finetune:
@@ -7,14 +8,14 @@ rule finetune:
         unpack(get_backbone_files),
         unpack(get_probe_files),
     output:
-        model="results/finetune/{method}/{backbone}/{dataset}/lr{lr}/seed{seed}/model.safetensors",
-        history="results/finetune/{method}/{backbone}/{dataset}/lr{lr}/seed{seed}/history.csv",
-        metrics="results/finetune/{method}/{backbone}/{dataset}/lr{lr}/seed{seed}/metrics.json",
-        config="results/finetune/{method}/{backbone}/{dataset}/lr{lr}/seed{seed}/config.json",
+        model="results/finetune/{method}/{backbone}/{dataset}/{run}/seed{seed}/model.safetensors",
+        history="results/finetune/{method}/{backbone}/{dataset}/{run}/seed{seed}/history.csv",
+        metrics="results/finetune/{method}/{backbone}/{dataset}/{run}/seed{seed}/metrics.json",
+        config="results/finetune/{method}/{backbone}/{dataset}/{run}/seed{seed}/config.json",
     log:
-        f"{LOGS}/finetune/{{method}}/{{backbone}}/{{dataset}}/lr{{lr}}/seed{{seed}}.log",
+        f"{LOGS}/finetune/{{method}}/{{backbone}}/{{dataset}}/{{run}}/seed{{seed}}.log",
     benchmark:
-        f"{BENCHMARKS}/finetune/{{method}}/{{backbone}}/{{dataset}}/lr{{lr}}/seed{{seed}}.tsv"
+        f"{BENCHMARKS}/finetune/{{method}}/{{backbone}}/{{dataset}}/{{run}}/seed{{seed}}.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: get_threads("finetune")
@@ -27,7 +28,7 @@ rule finetune:
         ood_splits=lambda wildcards: get_ood_splits(wildcards.dataset),
         data_root=get_data_root,
         # Resumable state: not an output, so that it survives the failed job it exists for.
-        state_dir="results/resume/finetune/{method}/{backbone}/{dataset}/lr{lr}/seed{seed}",
+        state_dir="results/resume/finetune/{method}/{backbone}/{dataset}/{run}/seed{seed}",
         data_options=get_data_options("finetune"),
         device=config["device"],
         progress=config["progress"],

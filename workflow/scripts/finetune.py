@@ -1,10 +1,12 @@
 from pathlib import Path
 
+from robustft.config import parse_hparam_folder
 from robustft.runtime import job, resolve_device
 from robustft.stages import run_finetune
 
 with job(log_path=snakemake.log[0], threads=snakemake.threads):
     probe_head = snakemake.input.get("probe_head")
+    hparams = parse_hparam_folder(snakemake.wildcards.run)
     run_finetune(
         method=snakemake.wildcards.method,
         dataset=snakemake.wildcards.dataset,
@@ -17,7 +19,8 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         # Read here, not a param: how often state is saved must not rerun finished runs.
         checkpoint_minutes=snakemake.config["finetune"]["checkpoint_minutes"],
         ood_splits=snakemake.params.ood_splits,
-        lr=float(snakemake.wildcards.lr),
+        lr=hparams.pop("lr"),
+        hparams=hparams,
         seed=int(snakemake.wildcards.seed),
         device=resolve_device(snakemake.params.device),
         progress=snakemake.params.progress,
