@@ -165,26 +165,14 @@ def train_classifier(
     )
     model.to(device=device, memory_format=memory_format(device))
     run = _RunState(settings=settings)
+    # What the resumable state is made of, besides `run`.
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "generator": generator}
     if checkpointing is not None:
-        _resume(
-            run,
-            checkpointing=checkpointing,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            generator=generator,
-        )
+        _resume(run, checkpointing=checkpointing, **parts)
 
     def save() -> None:
         if checkpointing is not None:
-            _save(
-                run,
-                checkpointing=checkpointing,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                generator=generator,
-            )
+            _save(run, checkpointing=checkpointing, **parts)
 
     def stop_if_requested() -> None:
         if stop_requested():
