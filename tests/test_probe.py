@@ -183,6 +183,7 @@ def test_torch_and_sklearn_choose_the_same_c_on_the_paper_grid():
 
 def test_coarse_to_fine_fits_the_ends_and_every_step():
     assert coarse_to_fine(50, points=8) == ([0, 8, 16, 24, 32, 40, 48, 49], 8)
+    assert coarse_to_fine(50) == ([*range(0, 50, 4), 49], 4)
     assert coarse_to_fine(13, points=8) == (list(range(13)), 1)
     assert coarse_to_fine(1, points=8) == ([0], 1)
 
