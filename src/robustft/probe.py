@@ -325,13 +325,15 @@ class _PathProblem:
                 flat = weight.reshape(members * classes, self.dim)
                 logits = self.products.times_transposed(flat, bias.reshape(-1))
                 logits = logits.view(n, members, classes)
+                correct = (logits.argmax(dim=2) == y[:, None]).sum(dim=0)
                 log_p = torch.log_softmax(logits, dim=2)
+                del logits  # at ImageNet size each (n, M, K) array is 10 GB
                 # Summed in float64: at small C the loss is log(K) plus changes far below
                 # float32's resolution there, which the line search must still see.
                 nll = -log_p.gather(2, target).squeeze(2).double().mean(dim=0)
                 penalty = 0.5 * lam.double() * weight.double().square().sum(dim=(1, 2))
                 residual = log_p.exp_()
-                curvature_now = (residual * (1 - residual)).mean(dim=(0, 2))
+                curvature_now = residual.mean(dim=(0, 2)) - residual.square().mean(dim=(0, 2))
                 residual.scatter_add_(2, target, minus_one).div_(n)
                 grad_weight = self.products.transposed_times(residual.view(n, -1))
                 grad_weight = grad_weight.view(members, classes, self.dim)
@@ -353,7 +355,7 @@ class _PathProblem:
                         "weight": weight,
                         "bias": bias,
                         "grad_max": grad_max,
-                        "correct": (logits.argmax(dim=2) == y[:, None]).sum(dim=0),
+                        "correct": correct,
                         "curvature": curvature_now,
                     }
                 )
