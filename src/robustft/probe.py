@@ -286,7 +286,10 @@ class _PathProblem:
         device = x.device
         members = len(lams)
         lam = torch.tensor(list(lams), dtype=torch.float32, device=device)
+        # Floored: on separable data at large C every prediction is certain, p(1 − p) → 0,
+        # and the intercepts' scale √c would be zero.
         curvature = torch.tensor(list(curvatures), dtype=torch.float32, device=device)
+        curvature = curvature.clamp_min(1e-6)
         scale = (curvature[:, None] * self.variance + lam[:, None]).rsqrt_()[:, None, :]
         bias_scale = curvature.sqrt()[:, None]
         v = ((weights @ basis) / scale).requires_grad_(True)
