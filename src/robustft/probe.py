@@ -259,7 +259,6 @@ class _PathProblem:
         self.basis = basis.contiguous()
         self.variance = (check_rows @ self.basis).square_().mean(dim=0)
         self.products = _RowBlocks(x)
-        self.evaluations = 0
 
     def fit(
         self,
@@ -321,7 +320,6 @@ class _PathProblem:
         seen: list[dict[str, Any]] = []
 
         def closure() -> Any:
-            self.evaluations += 1
             with torch.no_grad():
                 weight = (v * scale) @ basis.T
                 bias = beta / bias_scale
