@@ -166,13 +166,37 @@ def job_inputs(tmp_path_factory):
     return write_tiny_toyshift_job(tmp_path_factory.mktemp("inputs"), train_per_class=40, width=8)
 
 
-def start_job(inputs, workdir):
+# The DRIVER, with SIGTERM sent to itself right after `robustft.stages.<argv[2]>` returns.
+SIGTERM_AFTER_DRIVER = (
+    textwrap.dedent(
+        """
+        import os, signal, sys
+        import robustft.stages
+
+        def then_sigterm(function):
+            def wrapped(*args, **kwargs):
+                result = function(*args, **kwargs)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return result
+            return wrapped
+
+        name = sys.argv.pop(2)
+        setattr(robustft.stages, name, then_sigterm(getattr(robustft.stages, name)))
+        """
+    )
+    + DRIVER
+)
+
+
+def start_job(inputs, workdir, sigterm_after=None):
     for name in ("data", "backbone"):
         target = workdir / name
         if not target.exists():
             target.symlink_to(inputs / name)
+    driver = [DRIVER] if sigterm_after is None else [SIGTERM_AFTER_DRIVER]
+    extra = [] if sigterm_after is None else [sigterm_after]
     return subprocess.Popen(
-        [sys.executable, "-c", DRIVER, str(workdir)],
+        [sys.executable, "-c", *driver, str(workdir), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -247,4 +271,37 @@ def test_a_job_killed_at_a_random_step_reruns_to_the_same_result(
     assert sorted(result["kept"]) == ["epoch0.safetensors", "epoch2.safetensors"]
     for name, weights in reference["kept"].items():
         assert_same_tensors(result["kept"][name], weights)
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize(
+    ("sigterm_after", "when"),
+    [
+        ("train_classifier", "after training"),
+        ("write_csv", "while the outputs were written"),
+    ],
+)
+def test_sigterm_between_training_and_the_outputs_keeps_the_state(
+    job_inputs, reference_job, tmp_path, sigterm_after, when
+):
+    """The window a random SIGTERM rarely hits: training is over, the outputs not yet written."""
+    reference, _ = reference_job
+    state = tmp_path / "state" / "last.pt"
+    process = start_job(job_inputs, tmp_path, sigterm_after=sigterm_after)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == STOPPED_EXIT_CODE, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"robustft: stopped by SIGTERM {when}; state saved to {state}"
+    )
+    assert state.exists()
+    # Outputs half written are the failed job's: Snakemake deletes them before a rerun.
+    shutil.rmtree(tmp_path / "out")
+
+    rerun = start_job(job_inputs, tmp_path)
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    result = finished_outputs(tmp_path)
+    assert result["history"] == reference["history"]
+    assert result["metrics"] == reference["metrics"]
+    assert_same_tensors(result["weights"], reference["weights"])
     assert not (tmp_path / "state").exists()

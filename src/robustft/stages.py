@@ -42,6 +42,7 @@ from robustft.models import (
     save_backbone,
     save_model,
 )
+from robustft.runtime import StopRequested, sigterm_deferred, stop_requested
 from robustft.training import Checkpointing, TrainSettings, train_classifier
 
 log = logging.getLogger(__name__)
@@ -395,55 +396,69 @@ def run_finetune(
 
     if 0 in save_epochs:
         keep_checkpoint(0, model)
-    result = train_classifier(
-        model=model,
-        train_set=train_set,
-        eval_sets=eval_sets,
-        settings=settings,
-        select_on="id_val",
-        device=device,
-        progress=progress,
-        batch_transform=train_transform(augment=augment),
-        checkpointing=checkpointing,
-        on_epoch_end=keep_checkpoint,
-        loss_fn=loss_fn,
-        extra_loss=extra_loss,
-    )
-    model.load_state_dict(result.best_state)
-    save_model(plain(model), out_dir / "model.safetensors")
-    write_csv(out_dir / "history.csv", result.history)
-    best = result.history[result.best_epoch]
-    metrics = {
-        "method": method,
-        "lr": lr,
-        "hparams": {"lr": lr, **hparams},
-        "run": hparam_folder({"lr": lr, **hparams}),
-        "seed": seed,
-        "best_epoch": result.best_epoch,
-        "diverged": result.diverged,
-        **{key: value for key, value in best.items() if key.startswith(("id_", "ood_"))},
-    }
-    write_json(
-        out_dir / "config.json",
-        {
+    # SIGTERM stays deferred from the loop to the last output (the loop polls it at points
+    # where it can save), so that it cannot fall between the two with the state unnamed; it
+    # is honoured before the first write or after the last, and the state is kept either way,
+    # so a rerun only writes the outputs again.
+    with sigterm_deferred():
+        result = train_classifier(
+            model=model,
+            train_set=train_set,
+            eval_sets=eval_sets,
+            settings=settings,
+            select_on="id_val",
+            device=device,
+            progress=progress,
+            batch_transform=train_transform(augment=augment),
+            checkpointing=checkpointing,
+            on_epoch_end=keep_checkpoint,
+            loss_fn=loss_fn,
+            extra_loss=extra_loss,
+        )
+        stop_if_requested(checkpointing, when="after training")
+        model.load_state_dict(result.best_state)
+        save_model(plain(model), out_dir / "model.safetensors")
+        write_csv(out_dir / "history.csv", result.history)
+        best = result.history[result.best_epoch]
+        metrics = {
             "method": method,
-            "dataset": dataset,
-            "model_dir": str(model_dir),
-            "probe_dir": str(probe_dir) if probe_dir else None,
-            "settings": asdict(settings),
-            "augment": augment,
-            "method_options": options,
-            "ood_splits": list(ood_splits),
-            "data_options": dict(data_opts),
-            "device": device,
-            "resolved_config": dict(resolved_config or {}),
-            "environment": environment_info(),
-        },
-    )
-    write_json(out_dir / "metrics.json", metrics)
+            "lr": lr,
+            "hparams": {"lr": lr, **hparams},
+            "run": hparam_folder({"lr": lr, **hparams}),
+            "seed": seed,
+            "best_epoch": result.best_epoch,
+            "diverged": result.diverged,
+            **{key: value for key, value in best.items() if key.startswith(("id_", "ood_"))},
+        }
+        write_json(
+            out_dir / "config.json",
+            {
+                "method": method,
+                "dataset": dataset,
+                "model_dir": str(model_dir),
+                "probe_dir": str(probe_dir) if probe_dir else None,
+                "settings": asdict(settings),
+                "augment": augment,
+                "method_options": options,
+                "ood_splits": list(ood_splits),
+                "data_options": dict(data_opts),
+                "device": device,
+                "resolved_config": dict(resolved_config or {}),
+                "environment": environment_info(),
+            },
+        )
+        write_json(out_dir / "metrics.json", metrics)
+        stop_if_requested(checkpointing, when="while the outputs were written")
     if checkpointing is not None:
         checkpointing.discard()
     return metrics
+
+
+def stop_if_requested(checkpointing: Checkpointing | None, *, when: str) -> None:
+    """Raise `StopRequested` if SIGTERM has arrived, naming the state a rerun resumes from."""
+    if stop_requested():
+        where = f"; state saved to {checkpointing.path}" if checkpointing else ""
+        raise StopRequested(f"stopped by SIGTERM {when}{where}")
 
 
 def run_wiseft(
