@@ -6,7 +6,13 @@ from sklearn.linear_model import LogisticRegression
 
 from robustft import synthetic
 from robustft.config import ConfigError, load_schema, validate_config
-from robustft.probe import coarse_to_fine, fit_probe, run_probe, scalar_standardization
+from robustft.probe import (
+    coarse_to_fine,
+    fit_probe,
+    fit_probe_torch,
+    run_probe,
+    scalar_standardization,
+)
 from robustft.synthetic import bayes_accuracy, separation_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,6 +185,23 @@ def test_torch_and_sklearn_choose_the_same_c_on_the_paper_grid():
     test_acc = {name: (fit.predict(test_x) == test_y).mean() for name, fit in fits.items()}
     assert steps_apart <= 1
     assert abs(test_acc["torch"] - test_acc["sklearn"]) <= 0.002
+
+
+def test_refine_tol_chooses_among_fits_converged_to_it():
+    (train_x, train_y), (val_x, val_y), _ = mixture_splits()
+    grid = [float(c) for c in np.logspace(-7, 2, 50)]
+    settings = dict(
+        train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, c_grid=grid, num_classes=5
+    )
+    loose = fit_probe_torch(**settings)
+    assert all(row["polished"] == row["converged"] for row in loose.sweep)  # refine_tol = tol
+    tight = fit_probe_torch(**settings, refine_tol=1e-5)
+    polished = [row for row in tight.sweep if row["polished"]]
+    assert 3 <= len(polished) < len(tight.sweep)  # the best coarse fit and its neighbours
+    assert all(row["grad_max"] <= 1e-5 for row in polished)
+    best = max(polished, key=lambda row: row["val_acc"])
+    assert best["C"] == tight.C
+    assert abs(grid.index(tight.C) - grid.index(loose.C)) <= 2
 
 
 def test_coarse_to_fine_fits_the_ends_and_every_step():
