@@ -409,7 +409,7 @@ def fit_probe_torch(
     `refine_tol` (default: `tol`): the refinement and the best coarse fit converge to it,
     and C is chosen among those fits. At tol 1e-4 a warm-started fit's val accuracy can be
     a few tenths of a point from its optimum's, as much as neighbouring C differ near the
-    peak; 1e-5 makes the choice that of the exact optima at about 1.4× the time.
+    peak; 1e-5 makes the choice that of the exact optima at about 1.5× the time.
     """
     import torch
 
@@ -483,10 +483,10 @@ def fit_probe_torch(
                 "fitted_with": len(indices),
                 "grad_max": grad_max,
                 "converged": grad_max <= tol,
+                "polished": polish or grad_max <= refine_tol,
             }
-            if polish or grad_max <= refine_tol:
+            if sweep[i]["polished"]:
                 polished.add(i)
-            sweep[i]["polished"] = i in polished
             if grad_max > tol:
                 log.warning(
                     "C=%g did not converge in %d iterations (largest gradient entry %.2g > tol %g)",

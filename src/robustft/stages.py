@@ -42,8 +42,13 @@ from robustft.models import (
     save_backbone,
     save_model,
 )
-from robustft.runtime import StopRequested, sigterm_deferred, stop_requested
-from robustft.training import Checkpointing, TrainSettings, train_classifier
+from robustft.runtime import sigterm_deferred
+from robustft.training import (
+    Checkpointing,
+    TrainSettings,
+    raise_if_stop_requested,
+    train_classifier,
+)
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +420,7 @@ def run_finetune(
             loss_fn=loss_fn,
             extra_loss=extra_loss,
         )
-        stop_if_requested(checkpointing, when="after training")
+        raise_if_stop_requested(checkpointing, when="after training")
         model.load_state_dict(result.best_state)
         save_model(plain(model), out_dir / "model.safetensors")
         write_csv(out_dir / "history.csv", result.history)
@@ -448,17 +453,10 @@ def run_finetune(
             },
         )
         write_json(out_dir / "metrics.json", metrics)
-        stop_if_requested(checkpointing, when="while the outputs were written")
+        raise_if_stop_requested(checkpointing, when="while the outputs were written")
     if checkpointing is not None:
         checkpointing.discard()
     return metrics
-
-
-def stop_if_requested(checkpointing: Checkpointing | None, *, when: str) -> None:
-    """Raise `StopRequested` if SIGTERM has arrived, naming the state a rerun resumes from."""
-    if stop_requested():
-        where = f"; state saved to {checkpointing.path}" if checkpointing else ""
-        raise StopRequested(f"stopped by SIGTERM {when}{where}")
 
 
 def run_wiseft(

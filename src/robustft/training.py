@@ -88,6 +88,13 @@ class Checkpointing:
             os.removedirs(self.path.parent)  # stops at the first folder that is not empty
 
 
+def raise_if_stop_requested(checkpointing: Checkpointing | None, *, when: str) -> None:
+    """Raise `StopRequested` if SIGTERM has arrived, naming the state a rerun resumes from."""
+    if stop_requested():
+        where = f"; state saved to {checkpointing.path}" if checkpointing else ""
+        raise StopRequested(f"stopped by SIGTERM {when}{where}")
+
+
 def cosine_lr(*, step: int, total_steps: int, base_lr: float) -> float:
     """Cosine decay from `base_lr` at step 0 to 0 at `total_steps`."""
     progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
@@ -177,8 +184,7 @@ def train_classifier(
     def stop_if_requested() -> None:
         if stop_requested():
             save()
-            where = f"; state saved to {checkpointing.path}" if checkpointing else ""
-            raise StopRequested(f"stopped by SIGTERM at epoch {run.epoch}, step {run.step}{where}")
+            raise_if_stop_requested(checkpointing, when=f"at epoch {run.epoch}, step {run.step}")
 
     def evaluate_all() -> dict[str, float]:
         scores = {}
