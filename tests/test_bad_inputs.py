@@ -174,7 +174,7 @@ def lpft(root):
         batch_size=8,
         momentum=0.9,
         weight_decay=0.0,
-        freeze_bn=True,
+        bn="frozen",
         augment=False,
         progress=False,
     )

@@ -20,7 +20,7 @@ def test_default_config_is_valid():
 def test_missing_keys_get_schema_defaults():
     config = validate_config({}, SCHEMA)
     assert config["methods"] == ["lp", "ft", "lpft"]
-    assert config["finetune"]["lpft"]["freeze_bn"] is True
+    assert config["finetune"]["lpft"]["bn"] == "frozen"
     assert config["toyshift"]["pretrain_images_per_class"]["sketch"] == 150
 
 

@@ -346,7 +346,7 @@ def test_finetuning_runs_on_image_files_with_class_subsets(paths, tmp_path):
         batch_size=4,
         momentum=0.9,
         weight_decay=0.0,
-        freeze_bn=True,
+        bn="frozen",
         augment=False,
         progress=False,
     )

@@ -100,7 +100,7 @@ def test_l1sp_gradient_is_alpha_times_sign_and_leaves_the_head_alone():
 
 def test_penalty_pulls_training_toward_the_pretrained_weights():
     data = tiny_data()
-    settings = TrainSettings(epochs=2, lr=0.1, batch_size=16, freeze_bn=True)
+    settings = TrainSettings(epochs=2, lr=0.1, batch_size=16, bn="frozen")
 
     def distance(alpha):
         model = tiny_model()
@@ -130,7 +130,7 @@ def train(model, *, loss_fn=None, extra_loss=None, epochs=2):
         train_set=data,
         eval_sets={"val": tiny_data(seed=4)},
         select_on="val",
-        settings=TrainSettings(epochs=epochs, lr=0.05, batch_size=16, freeze_bn=True, seed=7),
+        settings=TrainSettings(epochs=epochs, lr=0.05, batch_size=16, bn="frozen", seed=7),
         progress=False,
         loss_fn=loss_fn,
         extra_loss=extra_loss,
@@ -317,7 +317,7 @@ def test_a_stopped_run_of_each_method_resumes_exactly(tmp_path, method):
             train_set=tiny_data(seed=3),
             eval_sets={"val": tiny_data(seed=4)},
             select_on="val",
-            settings=TrainSettings(epochs=2, lr=0.05, batch_size=16, freeze_bn=True, seed=7),
+            settings=TrainSettings(epochs=2, lr=0.05, batch_size=16, bn="frozen", seed=7),
             progress=False,
             loss_fn=loss_fn,
             extra_loss=extra,

@@ -363,7 +363,7 @@ def test_lpft_starts_with_the_accuracy_of_the_probe(tmp_path):
         batch_size=16,
         momentum=0.9,
         weight_decay=0.0,
-        freeze_bn=True,
+        bn="frozen",
         augment=False,
         probe_dir=tmp_path / "probe",
         progress=False,

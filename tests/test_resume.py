@@ -26,7 +26,7 @@ from robustft.runtime import STOPPED_EXIT_CODE, job
 from robustft.training import Checkpointing, TrainSettings, train_classifier
 
 PRE = Preprocess(input_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-SETTINGS = TrainSettings(epochs=3, lr=0.05, batch_size=16, freeze_bn=True, seed=3)
+SETTINGS = TrainSettings(epochs=3, lr=0.05, batch_size=16, bn="frozen", seed=3)
 
 
 def two_class_images(n, seed):
@@ -154,7 +154,7 @@ DRIVER = textwrap.dedent(
             method="ft", dataset="toyshift", data_root=f"{root}/data",
             model_dir=f"{root}/backbone", out_dir=f"{root}/out", state_dir=f"{root}/state",
             checkpoint_minutes=0.0, ood_splits=["real"], lr=0.05, seed=1, epochs=3,
-            batch_size=8, momentum=0.9, weight_decay=0.0, freeze_bn=True, augment=True,
+            batch_size=8, momentum=0.9, weight_decay=0.0, bn="frozen", augment=True,
             save_epochs=[0, 2], progress=False,
         )
     """

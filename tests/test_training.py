@@ -80,7 +80,7 @@ def test_frozen_batchnorm_keeps_running_statistics_but_trains_the_rest():
         train_set=data,
         eval_sets={"val": data},
         select_on="val",
-        settings=TrainSettings(epochs=1, lr=0.05, batch_size=32, freeze_bn=True),
+        settings=TrainSettings(epochs=1, lr=0.05, batch_size=32, bn="frozen"),
         progress=False,
     )
     assert torch.equal(bn.running_mean, before_mean)
@@ -92,7 +92,7 @@ def test_frozen_batchnorm_keeps_running_statistics_but_trains_the_rest():
         train_set=data,
         eval_sets={"val": data},
         select_on="val",
-        settings=TrainSettings(epochs=1, lr=0.05, batch_size=32, freeze_bn=False),
+        settings=TrainSettings(epochs=1, lr=0.05, batch_size=32, bn="train"),
         progress=False,
     )
     assert not torch.equal(bn.running_mean, before_mean)

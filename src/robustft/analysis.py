@@ -103,7 +103,9 @@ def effective_robustness_table(
         for run in selection["runs"]:
             history_path = Path(run["path"]).parent / "history.csv"
             history = pd.read_csv(history_path)
-            for record in history.to_dict("records"):
+            # Epochs between scored ones (finetune.eval_every) have no test/OOD values.
+            scored = [column for column in history if column.startswith(("id_test", "ood_"))]
+            for record in history.dropna(subset=scored).to_dict("records"):
                 rows.append(
                     {
                         "method": method,

@@ -157,6 +157,7 @@ def coerce_strings(value: Any, schema: Mapping[str, Any]) -> Any:
 
 def validate_config(config: dict[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
     """Fill defaults into `config` in place and check it; raise ConfigError (one line) if wrong."""
+    _check_renamed_keys(config)
     config.update(coerce_strings(config, schema))
     validator = _fill_defaults(jsonschema.Draft7Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
@@ -164,6 +165,23 @@ def validate_config(config: dict[str, Any], schema: Mapping[str, Any]) -> dict[s
         raise ConfigError(_describe(jsonschema.exceptions.best_match(errors)))
     _check_cross_references(config)
     return config
+
+
+def _check_renamed_keys(config: Mapping[str, Any]) -> None:
+    """Keys of earlier versions, named with their replacement (more useful than 'unknown')."""
+    sections = [("finetune", config.get("finetune"))] + [
+        (f"dataset_settings.{name}.finetune", (own or {}).get("finetune"))
+        for name, own in (config.get("dataset_settings") or {}).items()
+        if isinstance(own, Mapping)
+    ]
+    for where, section in sections:
+        for method, own in (section or {}).items() if isinstance(section, Mapping) else ():
+            if isinstance(own, Mapping) and "freeze_bn" in own:
+                mode = "frozen" if own["freeze_bn"] in (True, "true", "True") else "train"
+                raise ConfigError(
+                    f"config key '{where}.{method}.freeze_bn' was replaced by "
+                    f"'{where}.{method}.bn' (train, frozen, frozen_adapt): write bn: {mode}"
+                )
 
 
 def _check_cross_references(config: dict[str, Any]) -> None:
@@ -198,7 +216,7 @@ def _check_cross_references(config: dict[str, Any]) -> None:
             f"log10_max {c_grid['log10_max']}"
         )
     for dataset, own in (config.get("dataset_settings") or {}).items():
-        for method in ("ft", "lpft"):
+        for method in SWEPT_HPARAMS:
             grid = ((own or {}).get("finetune") or {}).get(method, {}).get("lr_grid")
             spellings = [format_hparam(lr) for lr in grid or []]
             if len(set(spellings)) != len(spellings):

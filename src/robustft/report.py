@@ -74,9 +74,18 @@ def selected_row(
     *, method: str, selection_file: str | Path, ood_splits: Sequence[str]
 ) -> dict[str, Any]:
     selection = read_json(selection_file)
+    diverged = len(selection.get("diverged_runs", []))
+    total = selection.get("total_runs", len(selection["runs"]))
+    if selection.get("all_diverged"):
+        return failed_row(
+            method=method,
+            ood_splits=ood_splits,
+            note=f"all {total} runs diverged (collapsed); see {selection_file}",
+            diverged=f"{diverged}/{total}",
+        )
     hparams = selection.get("hparams") or {"lr": selection["lr"]}
     names = ["lr", *sorted(key for key in hparams if key != "lr")]  # JSON files sort keys
-    return summarize_runs(
+    row = summarize_runs(
         method=method,
         runs=selection["runs"],
         ood_splits=ood_splits,
@@ -85,6 +94,28 @@ def selected_row(
             [f"{hparams[names[0]]:g}", *(f"{name}={hparams[name]:g}" for name in names[1:])]
         ),
     )
+    return {**row, "diverged": f"{diverged}/{total}"}
+
+
+def failed_row(
+    *, method: str, ood_splits: Sequence[str], note: str, diverged: str = ""
+) -> dict[str, Any]:
+    """A table row that reports no number: every accuracy NaN, and why in `note`."""
+    nan = float("nan")
+    row: dict[str, Any] = {
+        "method": method,
+        "hparam": "",
+        "seeds": 0,
+        "id_val": nan,
+        "id": nan,
+        "id_ci90": nan,
+        "ood": nan,
+        "ood_ci90": nan,
+    }
+    for split in ood_splits:
+        row[f"ood_{split}"] = nan
+        row[f"ood_{split}_ci90"] = nan
+    return {**row, "diverged": diverged, "note": note}
 
 
 def wiseft_row(
@@ -94,7 +125,17 @@ def wiseft_row(
     selected run."""
     runs = []
     for path in curve_files:
-        curve = pd.read_csv(path)
+        # An empty curve: run_wiseft skipped every endpoint (each had only diverged runs).
+        try:
+            curve = pd.read_csv(path)
+        except pd.errors.EmptyDataError:
+            curve = pd.DataFrame()
+        if curve.empty or endpoint not in set(curve["method"]):
+            return failed_row(
+                method="wiseft",
+                ood_splits=ood_splits,
+                note=f"no {endpoint} run to interpolate: every {endpoint} run diverged",
+            )
         rows = curve[(curve["method"] == endpoint) & np.isclose(curve["alpha"], alpha)]
         if rows.empty:
             raise ValueError(f"{path}: no row for method {endpoint!r} at alpha {alpha:g}")
@@ -150,13 +191,23 @@ def to_markdown(table: pd.DataFrame) -> str:
             if key in table
         }
     )
+    # Flags appear only when a run collapsed, so that healthy tables stay as they were.
+    if "diverged" in table and table["diverged"].map(_has_diverged).any():
+        shown["diverged"] = table["diverged"].fillna("").astype(str)
     shown["ID"] = [_pct(m, c) for m, c in zip(table["id"], table["id_ci90"], strict=True)]
     shown["OOD (mean)"] = [_pct(m, c) for m, c in zip(table["ood"], table["ood_ci90"], strict=True)]
     for column in ood_columns:
         shown[column.removeprefix("ood_")] = [
             _pct(m, c) for m, c in zip(table[column], table[f"{column}_ci90"], strict=True)
         ]
+    if "note" in table and table["note"].fillna("").astype(str).str.len().gt(0).any():
+        shown["note"] = table["note"].fillna("").astype(str)
     return shown.to_markdown(index=False) + "\n"
+
+
+def _has_diverged(value: Any) -> bool:
+    """True for a "k/n" count with k > 0."""
+    return isinstance(value, str) and "/" in value and not value.startswith("0/")
 
 
 def _pct(mean: float, ci: float) -> str:
@@ -183,7 +234,7 @@ def plot_id_vs_ood(table: pd.DataFrame, *, out_path: str | Path) -> None:
     groups = list(table.groupby(["dataset", "backbone"], sort=True))
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
     for ax, ((dataset, backbone), rows) in zip(axes[0], groups, strict=True):
-        for _, row in rows.iterrows():
+        for _, row in rows.dropna(subset=["id", "ood"]).iterrows():
             ax.errorbar(
                 100 * row["id"],
                 100 * row["ood"],
@@ -260,6 +311,10 @@ def summary_table(
 def select_run(*, metrics_files: Sequence[str | Path], out_path: str | Path) -> dict[str, Any]:
     """Best hyper-parameters (lr, and a method's own α, λ or rank) by mean ID val accuracy over
     seeds; ties go to the first in sorted order (the smaller lr, then the smaller other value).
+
+    A point of the sweep with a diverged (collapsed) run is never chosen: its runs are listed
+    under `diverged_runs`. When every point has one, `all_diverged` is true and `runs` is
+    empty, so that no table reports a collapsed run as a number.
     """
     by_point: dict[tuple[tuple[str, float], ...], list[dict[str, Any]]] = {}
     for path in metrics_files:
@@ -273,18 +328,38 @@ def select_run(*, metrics_files: Sequence[str | Path], out_path: str | Path) -> 
         by_point.setdefault(key, []).append(metrics)
     if not by_point:
         raise ValueError("no runs to select from")
+    diverged = [
+        {
+            "run": hparam_folder(dict(point)),
+            "seed": run["seed"],
+            "path": run["path"],
+            "collapse": run.get("collapse") or "diverged",
+        }
+        for point, runs in by_point.items()
+        for run in runs
+        if run.get("diverged")
+    ]
     means = {
         point: float(np.mean([run["id_val"] for run in runs])) for point, runs in by_point.items()
     }
     ordered = sorted(means, key=lambda point: tuple(value for _, value in point))
-    best = max(ordered, key=lambda point: means[point])
-    selection = {
-        "lr": dict(best)["lr"],
-        "hparams": dict(best),
-        "run": hparam_folder(dict(best)),
-        "mean_id_val": means[best],
+    healthy = [point for point in ordered if not any(r.get("diverged") for r in by_point[point])]
+    selection: dict[str, Any] = {
+        "total_runs": sum(len(runs) for runs in by_point.values()),
+        "diverged_runs": sorted(diverged, key=lambda run: (run["run"], run["seed"])),
+        "all_diverged": not healthy,
         "mean_id_val_by_run": {hparam_folder(dict(point)): means[point] for point in ordered},
-        "runs": sorted(by_point[best], key=lambda run: run["seed"]),
     }
+    if healthy:
+        best = max(healthy, key=lambda point: means[point])
+        selection |= {
+            "lr": dict(best)["lr"],
+            "hparams": dict(best),
+            "run": hparam_folder(dict(best)),
+            "mean_id_val": means[best],
+            "runs": sorted(by_point[best], key=lambda run: run["seed"]),
+        }
+    else:
+        selection |= {"lr": None, "hparams": None, "run": None, "runs": []}
     write_json(out_path, selection)
     return selection

@@ -253,8 +253,12 @@ def run_finetune(
     batch_size: int,
     momentum: float,
     weight_decay: float,
-    freeze_bn: bool,
     augment: bool,
+    bn: str = "train",
+    bn_momentum: float | None = None,
+    clip_grad_norm: float | None = None,
+    eval_every: int = 1,
+    collapse_loss_factor: float | None = 10.0,
     save_epochs: Sequence[int] = (),
     hparams: Mapping[str, float] | None = None,
     method_options: Mapping[str, Any] | None = None,
@@ -276,6 +280,10 @@ def run_finetune(
     (`lambda`, `temperature`); lora: peft adapters on the backbone (`rank`, `lora_alpha`,
     `target`), head trained in full, merged weights saved. `hparams` are the swept values
     besides lr (they name the run folder), `method_options` the method's fixed settings.
+
+    `bn`, `bn_momentum`, `clip_grad_norm`, `eval_every`, `collapse_loss_factor`: see
+    `training.TrainSettings`. A run that collapses is written like any other, with
+    `diverged: true` and the reason (`collapse`) in metrics.json, so that selection skips it.
 
     `precision`: auto = bf16 autocast on a GPU, fp32 on a CPU (see `resolve_precision`).
 
@@ -350,7 +358,11 @@ def run_finetune(
         batch_size=batch_size,
         momentum=momentum,
         weight_decay=weight_decay,
-        freeze_bn=freeze_bn,
+        bn=bn,
+        bn_momentum=bn_momentum,
+        clip_grad_norm=clip_grad_norm,
+        eval_every=eval_every,
+        collapse_loss_factor=collapse_loss_factor,
         seed=seed,
         num_workers=num_workers,
         precision=resolve_precision(precision, device),
@@ -433,6 +445,7 @@ def run_finetune(
             "seed": seed,
             "best_epoch": result.best_epoch,
             "diverged": result.diverged,
+            "collapse": result.collapse,
             **{key: value for key, value in best.items() if key.startswith(("id_", "ood_"))},
         }
         write_json(
@@ -507,6 +520,9 @@ def run_wiseft(
     rows: list[dict[str, Any]] = []
     for method, selection_file in selection_files.items():
         selection = read_json(selection_file)
+        if selection.get("all_diverged"):
+            log.warning("%s: every run diverged; no WiSE-FT curve toward it", method)
+            continue
         runs = [run for run in selection["runs"] if int(run["seed"]) == int(seed)]
         if not runs:
             raise ValueError(f"{selection_file}: no selected run with seed {seed}")

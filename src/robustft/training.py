@@ -1,8 +1,13 @@
 """One training loop for every way of training a classifier in this project.
 
 Pretraining the toy backbone and every fine-tuning method go through `train_classifier`; they
-differ only in the model they pass in (initialisation, which parameters require grad),
-`freeze_bn`, the settings, and an optional extra loss term (`ExtraLoss`: L1/L2-SP, KD).
+differ only in the model they pass in (initialisation, which parameters require grad), the
+settings (BatchNorm mode, gradient clipping, ...), and an optional extra loss term
+(`ExtraLoss`: L1/L2-SP, KD).
+
+A run that collapses (non-finite loss, a training loss far above the uniform predictor's, or ID
+val accuracy that falls to chance) ends with `TrainResult.diverged` set and the reason in
+`TrainResult.collapse`: it is a result about its settings, never a number to report.
 
 The loop can save resumable state (`Checkpointing`) every epoch, every few minutes and on
 SIGTERM; a rerun with the same state file continues where it stopped and ends with exactly
@@ -35,6 +40,12 @@ from robustft.runtime import StopRequested, sigterm_deferred, stop_requested
 log = logging.getLogger(__name__)
 
 
+# BatchNorm while training: `train` = running statistics (and affine) train; `frozen` =
+# running statistics stay as pretrained (Kumar et al.'s LP-FT); `frozen_adapt` = statistics
+# recomputed once on the training set before training, then frozen.
+BN_MODES = ("train", "frozen", "frozen_adapt")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     epochs: int
@@ -42,11 +53,23 @@ class TrainSettings:
     batch_size: int = 64
     momentum: float = 0.9
     weight_decay: float = 0.0
-    freeze_bn: bool = False
+    bn: str = "train"  # one of BN_MODES
+    bn_momentum: float | None = None  # PyTorch convention (new-batch weight); None = the model's
+    clip_grad_norm: float | None = None  # max L2 norm of all gradients together; None = off
     seed: int = 0
     eval_batch_size: int = 512
+    eval_every: int = 1  # score the non-selection splits every this many epochs (and the last)
+    collapse_loss_factor: float | None = 10.0  # see `collapse_reason`; None = off
     num_workers: int = 0  # DataLoader processes decoding images (image-file datasets)
     precision: str = "fp32"  # "bf16": forward pass under bf16 autocast (GPU throughput)
+
+    def __post_init__(self) -> None:
+        if self.bn not in BN_MODES:
+            raise ValueError(f"bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be at least 1, got {self.eval_every}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm}")
 
 
 @dataclass
@@ -55,9 +78,10 @@ class TrainResult:
     best_epoch: int
     best_state: dict[str, torch.Tensor] = field(repr=False)
     diverged: bool = False
+    collapse: str | None = None  # why the run counts as diverged (one line), else None
 
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 
 # extra_loss(model=..., images=..., logits=..., labels=...) -> scalar added to the loss. It
 # must be a function of the model and the batch only (state it holds, such as w₀ or a frozen
@@ -114,14 +138,116 @@ def autocast(*, device: str, precision: str) -> torch.autocast:
     )
 
 
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def freeze_batchnorm_statistics(model: nn.Module) -> None:
     """Put every BatchNorm layer in eval mode: running statistics stay as pretrained.
 
     Their affine parameters still train. Call after each `model.train()`.
     """
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
+    for module in _batchnorms(model):
+        module.eval()
+
+
+def set_batchnorm_momentum(model: nn.Module, momentum: float) -> None:
+    """Momentum of every BatchNorm layer, in PyTorch's convention (the new batch's weight:
+    TensorFlow's 0.99 is PyTorch's 0.01)."""
+    for module in _batchnorms(model):
+        module.momentum = momentum
+
+
+@torch.no_grad()
+def recompute_batchnorm_statistics(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    batch_size: int,
+    device: str,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> None:
+    """Running statistics of every BatchNorm layer re-estimated on `data` (a plain average over
+    one pass, as `torch.optim.swa_utils.update_bn` does), every other layer in eval mode."""
+    layers = _batchnorms(model)
+    if not layers:
+        return
+    momenta = [layer.momentum for layer in layers]
+    model.eval()
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative average over the pass
+        layer.train()
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    for images, _ in tqdm(loader, disable=not progress, desc="bn statistics", ascii=True):
+        model(to_float(images.to(device), None))
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+    model.eval()
+
+
+def chance_accuracy(data: Dataset, num_classes: int) -> float:
+    """Accuracy of always predicting the most frequent class of `data` (1/K without labels)."""
+    labels = getattr(data, "labels", None)
+    if labels is None or len(labels) == 0:
+        return 1.0 / max(num_classes, 1)
+    counts = torch.bincount(torch.as_tensor(labels).long().flatten())
+    return float(counts.max()) / len(labels)
+
+
+def collapse_reason(
+    *,
+    history: list[dict[str, Any]],
+    select_on: str,
+    num_classes: int,
+    chance: float,
+    eval_size: int,
+    loss_factor: float | None = 10.0,
+    final: bool = True,
+) -> str | None:
+    """Why a run counts as collapsed, in one line, or None.
+
+    - a non-finite training loss;
+    - an epoch's mean training loss above `loss_factor` × max(ln K, the first epoch's loss)
+      (ln K for epoch 1: the loss of the uniform prediction over K classes);
+    - with `final`: ID val accuracy (`select_on`) at chance at the last epoch although an
+      earlier epoch was above it, or never above chance after the start. "At chance" is at
+      most the majority-class accuracy plus two binomial standard deviations on `eval_size`
+      examples.
+    """
+    epochs = [row for row in history if row["epoch"] >= 1]
+    if not epochs:
+        return None
+    uniform = math.log(max(num_classes, 2))
+    first_loss = epochs[0]["train_loss"]
+    for row in epochs:
+        loss = row["train_loss"]
+        if not math.isfinite(loss):
+            return f"training loss is {loss} at epoch {row['epoch']}"
+        reference = uniform if row is epochs[0] else max(uniform, first_loss)
+        if loss_factor is not None and loss > loss_factor * reference:
+            return (
+                f"training loss {loss:.3g} at epoch {row['epoch']} is over {loss_factor:g}× "
+                f"{reference:.3g} ({'ln K' if reference == uniform else 'epoch 1'})"
+            )
+    if not final:
+        return None
+    threshold = chance + 2.0 * math.sqrt(chance * (1.0 - chance) / max(eval_size, 1))
+    scores = [row[select_on] for row in history]
+    last = scores[-1]
+    if last <= threshold:
+        if max(scores[:-1]) > threshold:
+            return (
+                f"{select_on} accuracy fell to chance ({last:.3f}; chance {chance:.3f}, "
+                f"threshold {threshold:.3f}) at epoch {history[-1]['epoch']}"
+            )
+        if max(row[select_on] for row in epochs) <= threshold:
+            return (
+                f"{select_on} accuracy never rose above chance (best {max(scores):.3f}; "
+                f"chance {chance:.3f}, threshold {threshold:.3f})"
+            )
+    return None
 
 
 def train_classifier(
@@ -139,11 +265,19 @@ def train_classifier(
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
     extra_loss: ExtraLoss | None = None,
 ) -> TrainResult:
-    """SGD with momentum and a per-step cosine schedule; evaluates every split each epoch.
+    """SGD with momentum and a per-step cosine schedule, one `train_one_epoch` per epoch.
 
-    Row 0 of the history is the model before training. The best epoch is the one with the
-    highest accuracy on `eval_sets[select_on]` (the first such epoch on ties).
+    Row 0 of the history is the model before training. `eval_sets[select_on]` is scored every
+    epoch, the other sets at epoch 0, every `settings.eval_every` epochs, at the last epoch and
+    at the best one (other rows hold NaN there). The best epoch is the one with the highest
+    `select_on` accuracy (the first such epoch on ties).
     `batch_transform` (augmentation) is applied to each training batch on the device.
+    BatchNorm follows `settings.bn` (`BN_MODES`); `settings.clip_grad_norm` caps the L2 norm of
+    all gradients together at every step (bf16 autocast needs no loss scaling, so the gradients
+    clipped are the true ones); each history row records the epoch's largest gradient norm
+    (before clipping) and the fraction of steps clipped.
+    A run that collapses (`collapse_reason`) stops, or is flagged at the end, with
+    `TrainResult.diverged` set: a result about its settings, not a crash of the workflow.
     With `checkpointing`, state is saved after every epoch, every `every_seconds` and when
     SIGTERM arrives (then `StopRequested` is raised); a call that finds matching state resumes.
     `on_epoch_end(epoch, model)` runs after each epoch's evaluation (to keep checkpoints).
@@ -171,6 +305,8 @@ def train_classifier(
         optimizer, lambda step: cosine_lr(step=step, total_steps=total_steps, base_lr=1.0)
     )
     model.to(device=device, memory_format=memory_format(device))
+    if settings.bn_momentum is not None:
+        set_batchnorm_momentum(model, settings.bn_momentum)
     run = _RunState(settings=settings)
     # What the resumable state is made of, besides `run`.
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "generator": generator}
@@ -186,18 +322,19 @@ def train_classifier(
             save()
             raise_if_stop_requested(checkpointing, when=f"at epoch {run.epoch}, step {run.step}")
 
-    def evaluate_all() -> dict[str, float]:
-        scores = {}
-        for name, data in eval_sets.items():
-            scores[name] = accuracy(
-                model,
-                data,
-                batch_size=settings.eval_batch_size,
-                device=device,
-                num_workers=settings.num_workers,
-            )
-            stop_if_requested()
-        return scores
+    def scored(epoch: int) -> list[str]:
+        every = epoch == 0 or epoch % settings.eval_every == 0 or epoch == settings.epochs
+        return list(eval_sets) if every else [select_on]
+
+    def evaluate_all(names: list[str]) -> dict[str, float]:
+        scores = validate(
+            model,
+            {name: eval_sets[name] for name in names},
+            settings=settings,
+            device=device,
+            after_each=stop_if_requested,
+        )
+        return {name: scores.get(name, float("nan")) for name in eval_sets}
 
     bar = tqdm(
         total=total_steps,
@@ -210,13 +347,24 @@ def train_classifier(
     )
     with sigterm_deferred():
         if not run.history:
-            scores = evaluate_all()
+            if settings.bn == "frozen_adapt":
+                recompute_batchnorm_statistics(
+                    model,
+                    train_set,
+                    batch_size=settings.eval_batch_size,
+                    device=device,
+                    num_workers=settings.num_workers,
+                    progress=progress,
+                )
+            scores = evaluate_all(scored(0))
             run.history.append(
                 {
                     "epoch": 0,
                     "lr": settings.lr,
                     "train_loss": float("nan"),
                     "train_acc": float("nan"),
+                    "grad_norm_max": float("nan"),
+                    "clipped": float("nan"),
                     **scores,
                     "seconds": 0.0,
                 }
@@ -225,70 +373,47 @@ def train_classifier(
             run.best_state = copy.deepcopy(model.state_dict())
             save()
         last_save = time.monotonic()
+
+        def after_step() -> None:
+            nonlocal last_save
+            bar.update()
+            if checkpointing and time.monotonic() - last_save >= checkpointing.every_seconds:
+                save()
+                last_save = time.monotonic()
+            stop_if_requested()
+
         while run.epoch <= settings.epochs and not run.diverged:
             started = time.perf_counter() - run.seconds
-            model.train()
-            if settings.freeze_bn:
-                freeze_batchnorm_statistics(model)
-            if run.step == 0:
-                run.order = torch.randperm(num_examples, generator=generator)
-                run.loss_sum = torch.zeros((), device=device)
-                run.correct = torch.zeros((), device=device, dtype=torch.long)
-                run.seen = 0
-                run.epoch_lr = optimizer.param_groups[0]["lr"]
-            loader = DataLoader(
+            train_one_epoch(
+                model,
                 train_set,
-                batch_size=settings.batch_size,
-                sampler=run.order[run.step * settings.batch_size :].tolist(),
-                drop_last=True,
-                num_workers=settings.num_workers,
-                pin_memory=str(device).startswith("cuda"),  # so that copies need no host sync
-                # Its own generator, seeded per epoch: a DataLoader draws from it the seed of
-                # its workers' random transforms, and a resumed run creates one more loader.
-                generator=torch.Generator().manual_seed(settings.seed * 1_000_003 + run.epoch),
+                run=run,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                generator=generator,
+                params=params,
+                device=device,
+                loss_fn=loss_fn,
+                extra_loss=extra_loss,
+                batch_transform=batch_transform,
+                started=started,
+                after_step=after_step,
             )
-            # Sums stay on the device: no host sync per step.
-            for images, labels in loader:
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                inputs = batch_transform(images, generator)
-                with autocast(device=device, precision=settings.precision):
-                    logits = model(inputs).float()
-                loss = loss_fn(logits, labels)
-                if extra_loss is not None:
-                    loss = loss + extra_loss(
-                        model=model, images=inputs, logits=logits, labels=labels
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                run.loss_sum += loss.detach() * len(labels)
-                run.correct += (logits.detach().argmax(dim=1) == labels).sum()
-                run.seen += len(labels)
-                run.step += 1
-                bar.update()
-                run.seconds = time.perf_counter() - started
-                if checkpointing and time.monotonic() - last_save >= checkpointing.every_seconds:
-                    save()
-                    last_save = time.monotonic()
-                stop_if_requested()
-            loss_value = run.loss_sum.item() / run.seen
             row = {
                 "epoch": run.epoch,
                 "lr": run.epoch_lr,
-                "train_loss": loss_value,
+                "train_loss": run.loss_sum.item() / run.seen,
                 "train_acc": run.correct.item() / run.seen,
-                **evaluate_all(),
+                "grad_norm_max": run.grad_norm_max.item(),
+                "clipped": run.clipped.item() / max(run.steps_in_epoch, 1),
+                **evaluate_all(scored(run.epoch)),
                 "seconds": time.perf_counter() - started,
             }
             run.history.append(row)
-            if not math.isfinite(loss_value):
-                # A diverged run is a result (this lr is too high), not a crash of the workflow.
-                log.warning(
-                    "loss is %s at epoch %d (lr %g): stopping", loss_value, run.epoch, settings.lr
-                )
-                run.diverged = True
+            reason = _collapse(run, eval_sets[select_on], select_on=select_on, final=False)
+            if reason:
+                log.warning("run collapsed (lr %g): %s; stopping", settings.lr, reason)
+                run.diverged, run.collapse = True, reason
             else:
                 log.info("epoch %d: %s", run.epoch, {k: round(v, 4) for k, v in row.items()})
                 if row[select_on] > run.best_score:
@@ -299,13 +424,139 @@ def train_classifier(
             run.epoch, run.step, run.seconds = run.epoch + 1, 0, 0.0
             save()
             last_save = time.monotonic()
+        if not run.diverged:
+            reason = _collapse(run, eval_sets[select_on], select_on=select_on, final=True)
+            if reason:
+                log.warning("run collapsed (lr %g): %s", settings.lr, reason)
+                run.diverged, run.collapse = True, reason
+        best_row = run.history[run.best_epoch]
+        missing = [name for name in eval_sets if math.isnan(best_row[name])]
+        if missing:  # the best epoch fell between scored epochs: score its weights now
+            current = copy.deepcopy(model.state_dict())
+            model.load_state_dict(run.best_state)
+            best_row.update(
+                validate(
+                    model,
+                    {name: eval_sets[name] for name in missing},
+                    settings=settings,
+                    device=device,
+                    after_each=stop_if_requested,
+                )
+            )
+            model.load_state_dict(current)
     bar.close()
     return TrainResult(
         history=run.history,
         best_epoch=run.best_epoch,
         best_state=run.best_state,
         diverged=run.diverged,
+        collapse=run.collapse,
     )
+
+
+def _collapse(run: _RunState, data: Dataset, *, select_on: str, final: bool) -> str | None:
+    return collapse_reason(
+        history=run.history,
+        select_on=select_on,
+        num_classes=run.num_classes,
+        chance=chance_accuracy(data, run.num_classes),
+        eval_size=len(data),  # type: ignore[arg-type]
+        loss_factor=run.settings.collapse_loss_factor,
+        final=final,
+    )
+
+
+def validate(
+    model: nn.Module,
+    eval_sets: Mapping[str, Dataset],
+    *,
+    settings: TrainSettings,
+    device: str,
+    after_each: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Accuracy of `model` on each of `eval_sets` (eval mode)."""
+    scores = {}
+    for name, data in eval_sets.items():
+        scores[name] = accuracy(
+            model,
+            data,
+            batch_size=settings.eval_batch_size,
+            device=device,
+            num_workers=settings.num_workers,
+        )
+        if after_each is not None:
+            after_each()
+    return scores
+
+
+def train_one_epoch(
+    model: nn.Module,
+    train_set: Dataset,
+    *,
+    run: _RunState,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+    params: list[nn.Parameter],
+    device: str,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    extra_loss: ExtraLoss | None,
+    batch_transform: BatchTransform,
+    started: float,
+    after_step: Callable[[], None],
+) -> None:
+    """The rest of epoch `run.epoch` from step `run.step`; sums accumulate in `run`."""
+    settings = run.settings
+    num_examples = len(train_set)  # type: ignore[arg-type]
+    model.train()
+    if settings.bn != "train":
+        freeze_batchnorm_statistics(model)
+    if run.step == 0:
+        run.order = torch.randperm(num_examples, generator=generator)
+        run.loss_sum = torch.zeros((), device=device)
+        run.correct = torch.zeros((), device=device, dtype=torch.long)
+        run.grad_norm_max = torch.zeros((), device=device)
+        run.clipped = torch.zeros((), device=device, dtype=torch.long)
+        run.seen = 0
+        run.epoch_lr = optimizer.param_groups[0]["lr"]
+    run.steps_in_epoch = num_examples // settings.batch_size
+    max_norm = settings.clip_grad_norm if settings.clip_grad_norm is not None else math.inf
+    loader = DataLoader(
+        train_set,
+        batch_size=settings.batch_size,
+        sampler=run.order[run.step * settings.batch_size :].tolist(),
+        drop_last=True,
+        num_workers=settings.num_workers,
+        pin_memory=str(device).startswith("cuda"),  # so that copies need no host sync
+        # Its own generator, seeded per epoch: a DataLoader draws from it the seed of
+        # its workers' random transforms, and a resumed run creates one more loader.
+        generator=torch.Generator().manual_seed(settings.seed * 1_000_003 + run.epoch),
+    )
+    # Sums stay on the device: no host sync per step.
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        inputs = batch_transform(images, generator)
+        with autocast(device=device, precision=settings.precision):
+            logits = model(inputs).float()
+        run.num_classes = int(logits.shape[1])
+        loss = loss_fn(logits, labels)
+        if extra_loss is not None:
+            loss = loss + extra_loss(model=model, images=inputs, logits=logits, labels=labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # With max_norm = inf this only measures the norm (the gradients are scaled by 1.0).
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm)
+        run.grad_norm_max = torch.maximum(run.grad_norm_max, norm.detach().float())
+        run.clipped += (norm > max_norm).long()
+        optimizer.step()
+        scheduler.step()
+        run.loss_sum += loss.detach() * len(labels)
+        run.correct += (logits.detach().argmax(dim=1) == labels).sum()
+        run.seen += len(labels)
+        run.step += 1
+        run.seconds = time.perf_counter() - started
+        after_step()
 
 
 @dataclass
@@ -326,6 +577,11 @@ class _RunState:
     best_score: float = -1.0
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     diverged: bool = False
+    collapse: str | None = None
+    grad_norm_max: torch.Tensor | None = None  # largest gradient norm of `epoch` so far
+    clipped: torch.Tensor | None = None  # steps of `epoch` whose gradients were clipped
+    num_classes: int = 0  # width of the model's output
+    steps_in_epoch: int = 0
 
 
 def _save(
@@ -353,6 +609,10 @@ def _save(
         "best_score": run.best_score,
         "best_state": run.best_state,
         "diverged": run.diverged,
+        "collapse": run.collapse,
+        "grad_norm_max": None if run.grad_norm_max is None else run.grad_norm_max.cpu(),
+        "clipped": None if run.clipped is None else run.clipped.cpu(),
+        "num_classes": run.num_classes,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -400,5 +660,10 @@ def _resume(
     run.history = state["history"]
     run.best_epoch, run.best_score = state["best_epoch"], state["best_score"]
     run.best_state = state["best_state"]
-    run.diverged = state["diverged"]
+    run.diverged, run.collapse = state["diverged"], state["collapse"]
+    run.grad_norm_max = (
+        None if state["grad_norm_max"] is None else state["grad_norm_max"].to(device)
+    )
+    run.clipped = None if state["clipped"] is None else state["clipped"].to(device)
+    run.num_classes = state["num_classes"]
     log.info("resuming from %s at epoch %d, step %d", path, run.epoch, run.step)

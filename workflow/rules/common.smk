@@ -209,23 +209,26 @@ def get_finetune_settings(method, dataset):
     }
     own = config["finetune"][method]
     # The method's fixed settings (β, temperature, LoRA alpha and target); the swept ones
-    # come from the run folder name.
+    # come from the run folder name, the training-loop ones are arguments of their own.
+    loop_keys = ("bn", "clip_grad_norm")
     method_options = {
         key: value
         for key, value in own.items()
-        if key not in GRID_KEYS and key != "freeze_bn"
+        if key not in GRID_KEYS and key not in loop_keys
     }
+    dataset_own = get_finetune_overrides(dataset)
     overrides = {
         key: value
-        for key, value in get_finetune_overrides(dataset).items()
+        for key, value in dataset_own.items()
         if key not in SWEPT_HPARAMS and value is not None
     }
-    return {
-        **shared,
-        "freeze_bn": own["freeze_bn"],
-        "method_options": method_options,
-        **overrides,
+    method_own = dataset_own.get(method) or {}
+    loop = {
+        key: method_own[key] if method_own.get(key) is not None else own[key]
+        for key in loop_keys
     }
+    loop["clip_grad_norm"] = loop["clip_grad_norm"] or None  # 0 = no clipping
+    return {**shared, **loop, "method_options": method_options, **overrides}
 
 
 def get_probe_files(wildcards):
