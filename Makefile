@@ -1,11 +1,13 @@
 # make run   — create .venv, install the pinned dependencies, run the default experiment
 # make test  — the same install, then the whole test suite (what CI runs)
+# make clean-state ARGS='--configfile configs/paper.yaml' — delete resumable state that no run
+#             of that config owns (stopped runs whose settings changed or left the config)
 PYTHON ?= python3
 VENV ?= .venv
 CORES ?= 2
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint format dag report clean
+.PHONY: install run test lint format dag report clean clean-state
 
 install: $(VENV)/.installed
 
@@ -39,6 +41,9 @@ report: install
 
 dag: install
 	$(BIN)/snakemake --rulegraph | dot -Tpng > rulegraph.png
+
+clean-state: install
+	$(BIN)/snakemake clean_state --cores 1 $(ARGS)
 
 clean:
 	rm -rf results .snakemake

@@ -21,6 +21,10 @@ def test_missing_keys_get_schema_defaults():
     config = validate_config({}, SCHEMA)
     assert config["methods"] == ["lp", "ft", "lpft"]
     assert config["finetune"]["lpft"]["bn"] == "frozen"
+    # Kumar et al.: FT trains the statistics, LP-FT freezes them (and is clipped, README).
+    assert config["finetune"]["ft"]["bn"] == "train"
+    assert config["finetune"]["ft"]["clip_grad_norm"] is None
+    assert config["finetune"]["lpft"]["clip_grad_norm"] == 5.0
     assert config["toyshift"]["pretrain_images_per_class"]["sketch"] == 150
 
 
@@ -94,3 +98,28 @@ def test_command_line_strings_become_the_types_the_schema_asks_for():
     assert config["finetune"]["augment"] is False
     with pytest.raises(ConfigError, match=r"toyshift\.seed"):
         validate_config({"toyshift": {"seed": "x1"}}, SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ({"finetune": {"lpft": {"freeze_bn": True}}}, "'finetune.lpft.freeze_bn' was replaced"),
+        (
+            {"dataset_settings": {"mine": {"finetune": {"ft": {"freeze_bn": False}}}}},
+            "'dataset_settings.mine.finetune.ft.freeze_bn' was replaced by "
+            "'dataset_settings.mine.finetune.ft.bn' (train, frozen, frozen_adapt): write bn: train",
+        ),
+        ({"finetune": {"ft": {"bn": "eval"}}}, "'finetune.ft.bn': 'eval' is not one of"),
+        ({"finetune": {"lpft": {"clip_grad_norm": -1}}}, "'finetune.lpft.clip_grad_norm'"),
+        ({"finetune": {"eval_every": 0}}, "'finetune.eval_every'"),
+        (
+            {"dataset_settings": {"mine": {"finetune": {"kd": {"bn": "frozen_adapt", "x": 1}}}}},
+            "'x' under 'dataset_settings.mine.finetune.kd'",
+        ),
+    ],
+)
+def test_batchnorm_and_clipping_keys_are_checked_in_one_line(config, named):
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, SCHEMA)
+    message = str(error.value)
+    assert named in message and "\n" not in message

@@ -86,3 +86,43 @@ def test_dataset_table_has_a_row_per_method(tmp_path):
     assert written["ood"].tolist() == pytest.approx([0.65, 0.5])
     markdown = (tmp_path / "t.md").read_text()
     assert "| lp " in markdown and "65.0 ± 0.0" in markdown
+
+
+def test_select_run_never_chooses_a_point_with_a_collapsed_run(tmp_path):
+    # lr 0.1 has the best mean ID val, but one of its seeds collapsed (its epoch 0, the probe,
+    # is what the run would report): lr 0.01 is chosen, and the collapse is listed.
+    collapsed = {**run(1, 0.1, 0.95, 0.9, 0.9, 0.9), "diverged": True, "collapse": "fell"}
+    paths = write_runs(
+        tmp_path,
+        [run(0, 0.1, 0.99, 0, 0, 0), collapsed, run(0, 0.01, 0.8, 0, 0, 0)],
+    )
+    selection = select_run(metrics_files=paths, out_path=tmp_path / "selected.json")
+    assert selection["lr"] == 0.01
+    assert not selection["all_diverged"]
+    assert [(r["run"], r["seed"]) for r in selection["diverged_runs"]] == [("lr0.1", 1)]
+
+
+def test_a_sweep_that_collapsed_everywhere_is_reported_as_such_not_as_a_number(tmp_path):
+    probe = tmp_path / "probe.json"
+    probe.write_text(
+        json.dumps({"C": 0.1, "id_val": 0.8, "id_test": 0.8, "ood_real": 0.7, "ood_clipart": 0.6})
+    )
+    runs = [
+        {**run(seed, lr, 0.8, 0.8, 0.7, 0.6), "diverged": True, "collapse": "fell to chance"}
+        for seed in (0, 1, 2)
+        for lr in (0.1, 0.01)
+    ]
+    select_run(metrics_files=write_runs(tmp_path, runs), out_path=tmp_path / "lpft.json")
+    table = aggregate_dataset(
+        dataset="toy",
+        sources={"lp/bb": [str(probe)], "lpft/bb": str(tmp_path / "lpft.json")},
+        ood_splits=["real", "clipart"],
+        csv_path=tmp_path / "t.csv",
+        md_path=tmp_path / "t.md",
+    )
+    row = table[table["method"] == "lpft"].iloc[0]
+    assert math.isnan(row["id"]) and math.isnan(row["ood"])
+    assert row["diverged"] == "6/6"
+    markdown = (tmp_path / "t.md").read_text()
+    assert "all 6 runs diverged" in markdown
+    assert "80.0" not in markdown.split("lpft")[1]  # the probe's numbers are not LP-FT's

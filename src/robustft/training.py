@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,24 @@ class Checkpointing:
             partial.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             os.removedirs(self.path.parent)  # stops at the first folder that is not empty
+
+
+def remove_unowned_state(*, root: str | Path, owned: Iterable[str | Path]) -> list[Path]:
+    """Delete the resumable state under `root` whose folder is not in `owned` (with the
+    partial saves beside it and the folders left empty); say each on one line. Returns them."""
+    root = Path(root)
+    keep = {Path(folder).resolve() for folder in owned}
+    removed = []
+    for state in sorted(root.rglob("last.pt")) if root.exists() else []:
+        folder = state.parent
+        if folder.resolve() in keep:
+            continue
+        size = state.stat().st_size
+        Checkpointing(path=state, fingerprint="").discard()
+        log.warning("removed %s (%.1f MB): no requested run owns it", state, size / 2**20)
+        removed.append(state)
+    log.info("%d resumable state file(s) removed under %s", len(removed), root)
+    return removed
 
 
 def raise_if_stop_requested(checkpointing: Checkpointing | None, *, when: str) -> None:

@@ -231,6 +231,22 @@ def get_finetune_settings(method, dataset):
     return {**shared, **loop, "method_options": method_options, **overrides}
 
 
+STATE_ROOT = "results/resume/finetune"
+
+
+def get_state_dirs():
+    """The resumable-state folders of every fine-tuning run this config asks for (the
+    finetune rule's `state_dir`); `clean_state` removes the others."""
+    return sorted(
+        f"{STATE_ROOT}/{method}/{backbone}/{dataset}/{run}/seed{seed}"
+        for dataset in config["datasets"]
+        for backbone in get_backbones(dataset)
+        for method in FINETUNE_METHODS
+        for run in get_run_grid(method, dataset)
+        for seed in config["seeds"]
+    )
+
+
 def get_probe_files(wildcards):
     folder = (
         f"results/probe/{wildcards.backbone}/{wildcards.dataset}/seed{wildcards.seed}"

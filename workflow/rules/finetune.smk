@@ -28,7 +28,7 @@ rule finetune:
         ood_splits=lambda wildcards: get_ood_splits(wildcards.dataset),
         data_root=get_data_root,
         # Resumable state: not an output, so that it survives the failed job it exists for.
-        state_dir="results/resume/finetune/{method}/{backbone}/{dataset}/{run}/seed{seed}",
+        state_dir=f"{STATE_ROOT}/{{method}}/{{backbone}}/{{dataset}}/{{run}}/seed{{seed}}",
         data_options=get_data_options("finetune"),
         device=config["device"],
         progress=config["progress"],
@@ -47,3 +47,17 @@ rule select_run:
         "../../envs/analysis.yaml"
     script:
         "../scripts/select_run.py"
+
+
+# `snakemake clean_state` (make clean-state): delete resumable state that no run of this
+# config owns (runs whose settings changed or left the config). Run it with the same
+# --configfile and --config as the runs whose state must survive.
+rule clean_state:
+    localrule: True
+    log:
+        f"{LOGS}/clean_state.log",
+    params:
+        root=STATE_ROOT,
+        owned=get_state_dirs(),
+    script:
+        "../scripts/clean_state.py"
