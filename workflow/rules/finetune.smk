@@ -53,9 +53,9 @@ rule select_run:
 # config owns (runs whose settings changed or left the config). Run it with the same
 # --configfile and --config as the runs whose state must survive.
 rule clean_state:
-    localrule: True
     log:
         f"{LOGS}/clean_state.log",
+    localrule: True
     params:
         root=STATE_ROOT,
         owned=get_state_dirs(),
