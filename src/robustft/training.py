@@ -230,9 +230,11 @@ def collapse_reason(
     - an epoch's mean training loss above `loss_factor` × max(ln K, the first epoch's loss)
       (ln K for epoch 1: the loss of the uniform prediction over K classes);
     - with `final`: ID val accuracy (`select_on`) at chance at the last epoch although an
-      earlier epoch was above it, or never above chance after the start. "At chance" is at
-      most the majority-class accuracy plus two binomial standard deviations on `eval_size`
-      examples.
+      earlier epoch (epoch 0 included: LP-FT's probe) was clearly above it. "At chance" is at
+      most the majority-class accuracy plus two binomial standard deviations σ on `eval_size`
+      examples, "clearly above" at least 5σ above it, so that small val sets do not flag
+      noise. A run that never leaves chance is not flagged: it is a weak result, not a
+      collapse.
     """
     epochs = [row for row in history if row["epoch"] >= 1]
     if not epochs:
@@ -251,6 +253,15 @@ def collapse_reason(
             )
     if not final:
         return None
+    sigma = math.sqrt(chance * (1.0 - chance) / max(eval_size, 1))
+    at_chance, clearly_above = chance + 2.0 * sigma, chance + 5.0 * sigma
+    scores = [row[select_on] for row in history]
+    if scores[-1] <= at_chance and max(scores[:-1]) >= clearly_above:
+        return (
+            f"{select_on} accuracy fell to chance at epoch {history[-1]['epoch']} "
+            f"({scores[-1]:.3f}, from {max(scores[:-1]):.3f}; chance {chance:.3f})"
+        )
+    return None
     threshold = chance + 2.0 * math.sqrt(chance * (1.0 - chance) / max(eval_size, 1))
     scores = [row[select_on] for row in history]
     last = scores[-1]
