@@ -117,3 +117,45 @@ def test_a_job_with_an_empty_weight_cache_fails_at_once_with_one_line(tmp_path):
     assert "backbone 'resnet18.tv_in1k'" in line and "snakemake fetch_backbones" in line
     assert time.monotonic() - started < 120
     assert not (tmp_path / "results" / "features" / "resnet18.tv_in1k").exists()
+
+
+def test_preprocessing_reruns_features_and_drop_rates_do_not(tmp_path):
+    """dataset_settings.<d>.preprocess is a params entry of extract_features (rerun, reason
+    params); backbone_options.<b>.drop_rate only of finetune (features stay)."""
+    target = "results/features/toyresnet/toyshift/val.h5"
+    built = snakemake(target, "--cores", "1", "--configfile", str(TINY), cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    resized = snakemake(
+        target,
+        "-n",
+        "--configfile",
+        str(TINY),
+        "--config",
+        "dataset_settings={toyshift: {preprocess: {input_size: 40}}}",
+        cwd=tmp_path,
+    )
+    assert resized.returncode == 0, resized.stderr
+    assert "rule extract_features:" in resized.stdout
+    assert "Params have changed since last execution" in resized.stdout
+    assert "rule pretrain_backbone:" not in resized.stdout
+    dropout = snakemake(
+        target,
+        "-n",
+        "--configfile",
+        str(TINY),
+        "--config",
+        "backbone_options={toyresnet: {drop_rate: 0.1}}",
+        cwd=tmp_path,
+    )
+    assert dropout.returncode == 0, dropout.stderr
+    assert "Nothing to be done" in dropout.stdout + dropout.stderr
+    finetune = snakemake(
+        "-n",
+        "--configfile",
+        str(TINY),
+        "--config",
+        "backbone_options={toyresnet: {drop_rate: 0.1}}",
+        cwd=tmp_path,
+    )
+    assert "rule finetune:" in finetune.stdout
+    assert finetune.stdout.count("rule extract_features:") == 5  # val is done: the other splits

@@ -123,3 +123,72 @@ def test_lpft_head_from_the_probe_reproduces_the_probe(tmp_path):
         model.head.bias.copy_(head_bias)
         predictions = model(images).argmax(1).numpy()
     np.testing.assert_array_equal(predictions, probe.predict(features))
+
+
+def test_features_record_the_resolved_preprocessing_as_text_and_json(tmp_path):
+    import json
+
+    from fake_data import write_tiny_toyshift_job
+
+    from robustft.stages import extract_split
+
+    root = write_tiny_toyshift_job(tmp_path, train_per_class=4, width=4)
+    paths = {}
+    for size in (None, 40):
+        paths[size] = tmp_path / f"val{size}.h5"
+        extract_split(
+            dataset="toyshift",
+            split="val",
+            data_root=root / "data",
+            model_dir=root / "backbone",
+            out_path=paths[size],
+            backbone_name="toyresnet",
+            progress=False,
+            preprocess_overrides={"input_size": size, "interpolation": "bicubic"},
+        )
+    default, resized = (read_features(paths[size]).attrs for size in (None, 40))
+    assert json.loads(default["preprocess"]) == {
+        "input_size": 32,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "crop_pct": 1.0,
+        "interpolation": "bicubic",
+        "transform": "resize",
+    }
+    assert json.loads(resized["preprocess"])["input_size"] == 40
+    assert "to 40px" in resized["preprocessing"] and "to 32px" in default["preprocessing"]
+    # The toy's 32 px images pass through at 32 px, and are resized at 40 px.
+    assert not np.allclose(read_features(paths[None]).features, read_features(paths[40]).features)
+
+
+def test_a_finetuning_run_records_its_preprocessing_and_drop_rate(tmp_path):
+    import json
+
+    from fake_data import write_tiny_toyshift_job
+
+    from robustft.stages import run_finetune
+
+    root = write_tiny_toyshift_job(tmp_path, train_per_class=4, width=4)
+    run_finetune(
+        method="ft",
+        dataset="toyshift",
+        data_root=root / "data",
+        model_dir=root / "backbone",
+        out_dir=tmp_path / "run",
+        ood_splits=["real"],
+        lr=1e-2,
+        seed=0,
+        epochs=1,
+        batch_size=8,
+        momentum=0.9,
+        weight_decay=0.0,
+        freeze_bn=False,
+        augment=False,
+        progress=False,
+        preprocess_overrides={"input_size": 24},
+        backbone_kwargs={"drop_rate": 0.2},
+    )
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["backbone"]["preprocess"]["input_size"] == 24
+    assert config["backbone"]["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+    assert config["backbone"]["kwargs"] == {"drop_rate": 0.2}

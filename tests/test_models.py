@@ -3,6 +3,7 @@ MoCo-v2 checkpoints, local weights files, and LP-FT starting exactly at the prob
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -22,10 +23,17 @@ from robustft.models import (
     create_timm_backbone,
     default_embedding,
     load_backbone,
+    merge_preprocess,
     save_backbone,
     timm_preprocess,
 )
-from robustft.models.fetch import MOCO_PREFIX, fetch_backbone, moco_v2_state_dict
+from robustft.models.fetch import (
+    MOCO_PREFIX,
+    BackboneOptions,
+    fetch_backbone,
+    moco_v2_state_dict,
+)
+from robustft.models.keymap import read_state_dict
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
@@ -395,6 +403,11 @@ def test_backbone_options_get_their_defaults():
         "url": None,
         "sha256": None,
         "embedding": "auto",
+        "key_map": [],
+        "drop_keys": [],
+        "preprocess": dict.fromkeys(["input_size", "interpolation", "crop_pct", "mean", "std"]),
+        "drop_rate": None,
+        "drop_path_rate": None,
     }
     assert config["features"]["num_workers"] == "auto"
     assert config["features"]["precision"] == "auto"
@@ -407,6 +420,17 @@ def test_backbone_options_get_their_defaults():
         ({"backbone_options": {"x": {"embedding": "cls"}}}, "backbone_options.x.embedding"),
         ({"backbones": ["resnet50/../../etc"]}, "backbones[0]"),
         ({"features": {"num_workers": -1}}, "features.num_workers"),
+        ({"backbone_options": {"x": {"preprocess": {"size": 3}}}}, "under 'backbone_options.x.pr"),
+        (
+            {"dataset_settings": {"d": {"preprocess": {"mean": [0.5, 0.5]}}}},
+            "dataset_settings.d.preprocess.mean",
+        ),
+        (
+            {"dataset_settings": {"d": {"preprocess": {"interpolation": "cubic"}}}},
+            "dataset_settings.d.preprocess.interpolation",
+        ),
+        ({"backbone_options": {"x": {"key_map": [["^a"]]}}}, "backbone_options.x.key_map[0]"),
+        ({"backbone_options": {"x": {"drop_rate": 1.5}}}, "backbone_options.x.drop_rate"),
     ],
 )
 def test_bad_backbone_config_is_one_line_naming_the_key(overrides, named):
@@ -415,3 +439,256 @@ def test_bad_backbone_config_is_one_line_naming_the_key(overrides, named):
     with pytest.raises(ConfigError) as info:
         validate(**overrides)
     assert named in str(info.value) and "\n" not in str(info.value)
+
+
+# --- preprocessing from the config ---------------------------------------------------------
+
+PRETRAINED = Preprocess(
+    input_size=224, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=0.875
+)
+
+
+def test_preprocess_overrides_merge_over_the_pretrained_config():
+    merged = merge_preprocess(
+        PRETRAINED, {"input_size": 32, "interpolation": "bicubic", "crop_pct": None}
+    )
+    assert merged == Preprocess(
+        input_size=32,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        crop_pct=0.875,
+        interpolation="bicubic",
+    )
+    # Later layers win: backbone_options, then dataset_settings.
+    layered = merge_preprocess(merge_preprocess(PRETRAINED, {"input_size": 64}), {"input_size": 96})
+    assert layered.input_size == 96
+    assert merge_preprocess(PRETRAINED, {"mean": [0, 0.1, 1]}).mean == (0.0, 0.1, 1.0)
+    assert merge_preprocess(PRETRAINED, None) == PRETRAINED
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"input_size": 0}, "dataset_settings.d.preprocess.input_size"),
+        ({"input_size": 32.5}, "dataset_settings.d.preprocess.input_size"),
+        ({"interpolation": "cubic"}, "dataset_settings.d.preprocess.interpolation"),
+        ({"crop_pct": 1.5}, "dataset_settings.d.preprocess.crop_pct"),
+        ({"mean": [0.5, 0.5]}, "dataset_settings.d.preprocess.mean"),
+        ({"std": [0.5, 0.0, 0.5]}, "dataset_settings.d.preprocess.std"),
+        ({"grayscale": True}, "dataset_settings.d.preprocess: unknown key(s) ['grayscale']"),
+    ],
+)
+def test_bad_preprocess_overrides_are_one_line_naming_the_key(overrides, named):
+    with pytest.raises(ValueError) as info:
+        merge_preprocess(PRETRAINED, overrides, key="dataset_settings.d.preprocess")
+    assert named in str(info.value) and "\n" not in str(info.value)
+
+
+def toy_backbone_dir(path: Path) -> Path:
+    torch.manual_seed(0)
+    save_backbone(
+        backbone=build_backbone(architecture="toyresnet", kwargs={"width": 4}),
+        out_dir=path,
+        architecture="toyresnet",
+        kwargs={"width": 4},
+        preprocess=Preprocess(input_size=32, mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0)),
+    )
+    return path
+
+
+def test_load_backbone_resolves_the_overrides_and_leaves_meta_json_alone(tmp_path):
+    model_dir = toy_backbone_dir(tmp_path / "toyresnet")
+    before = (model_dir / "meta.json").read_bytes()
+    _, preprocess, meta = load_backbone(
+        model_dir, preprocess={"input_size": 48, "std": [0.5, 0.5, 0.5]}
+    )
+    assert preprocess.input_size == 48 and preprocess.std == (0.5, 0.5, 0.5)
+    assert preprocess.mean == (0.1, 0.2, 0.3)  # from meta.json
+    assert meta["preprocess"]["input_size"] == 32
+    assert (model_dir / "meta.json").read_bytes() == before
+    with pytest.raises(ValueError, match=r"toyresnet: preprocess\.input_size"):
+        load_backbone(model_dir, preprocess={"input_size": "big"})
+
+
+# --- drop rates ----------------------------------------------------------------------------
+
+
+def test_drop_rates_reach_the_timm_model_and_only_act_in_training(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "rn18.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
+    model_dir = tmp_path / "resnet18"
+    fetch_backbone(
+        name="resnet18",
+        out_dir=model_dir,
+        cache_dir=tmp_path / "hub",
+        options={"weights": str(path)},
+    )
+    plain, _, _ = load_backbone(model_dir)
+    backbone, _, _ = load_backbone(
+        model_dir, backbone_kwargs={"drop_rate": 0.5, "drop_path_rate": 0.2}
+    )
+    assert backbone.model.drop_rate == 0.5 and plain.model.drop_rate == 0.0
+    drop_paths = [m for m in backbone.model.modules() if isinstance(m, timm.layers.DropPath)]
+    assert drop_paths and drop_paths[-1].drop_prob == pytest.approx(0.2)
+    images = torch.rand(4, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(backbone.eval()(images), plain.eval()(images), atol=1e-6)
+        torch.manual_seed(1)
+        assert not torch.allclose(backbone.train()(images), plain.train()(images), atol=1e-4)
+    meta = json.loads((model_dir / "meta.json").read_text())
+    assert meta["kwargs"] == {"embedding": "pooled"}  # never part of the fetched backbone
+
+
+def test_the_toy_takes_drop_rate_and_refuses_drop_path_rate_in_one_line(tmp_path):
+    model_dir = toy_backbone_dir(tmp_path / "toyresnet")
+    backbone, _, _ = load_backbone(model_dir, backbone_kwargs={"drop_rate": 0.5})
+    images = torch.rand(8, 3, 32, 32)
+    torch.manual_seed(0)
+    assert not torch.equal(backbone.train()(images), backbone.train()(images))
+    with torch.inference_mode():
+        assert torch.equal(backbone.eval()(images), backbone.eval()(images))
+    with pytest.raises(ValueError, match=r"backbone_options\.toyresnet\.drop_path_rate") as info:
+        load_backbone(model_dir, backbone_kwargs={"drop_path_rate": 0.1})
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=r"backbone_options\.toyresnet\.drop_rate"):
+        load_backbone(model_dir, backbone_kwargs={"drop_rate": 1.0})
+
+
+# --- foreign weights: key maps and what a mismatch says ------------------------------------
+
+KEY_MAP = [[r"^module\.encoder\.", ""], [r"(^|\.)norm(\d)", r"\1bn\2"]]
+
+
+def foreign_checkpoint(path: Path) -> torch.nn.Module:
+    """A resnet18 as another code base saves it: {"state_dict": ...} under a DataParallel
+    `module.encoder.` prefix, BatchNorms named norm1/norm2, a head, and a queue."""
+    torch.manual_seed(2)
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    state = {}
+    for key, value in model.state_dict().items():
+        renamed = key.replace("bn1", "norm1").replace("bn2", "norm2")
+        state[f"module.encoder.{renamed}"] = value
+    state["module.queue"] = torch.randn(128, 8)
+    torch.save({"epoch": 100, "state_dict": state}, path)
+    return model
+
+
+def test_a_key_map_loads_a_foreign_checkpoint_and_converts_it_once(tmp_path):
+    source = tmp_path / "simclr.pth.tar"
+    model = foreign_checkpoint(source)
+    model_dir = tmp_path / "models" / "resnet18"
+    meta = fetch_backbone(
+        name="resnet18",
+        out_dir=model_dir,
+        cache_dir=tmp_path / "hub",
+        options={"weights": str(source), "key_map": KEY_MAP, "drop_keys": [r"^module\.queue$"]},
+    )
+    assert meta["weights"] == {"file": "model.safetensors", "format": "state_dict"}
+    assert meta["source"]["path"] == str(source.resolve())
+    assert meta["source"]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert meta["source"]["key_map"] == KEY_MAP
+    assert meta["source"]["dropped_head_keys"] == ["fc.bias", "fc.weight"]
+    source.unlink()  # jobs read the converted file only
+    backbone, preprocess, _ = load_backbone(model_dir, preprocess={"input_size": 32})
+    assert preprocess.input_size == 32 and backbone.num_features == 512
+    model.reset_classifier(0)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(backbone.eval()(images), model(images), atol=1e-6)
+
+
+def test_a_missing_key_map_names_the_first_keys_of_both_sides(tmp_path):
+    source = tmp_path / "simclr.pth.tar"
+    foreign_checkpoint(source)
+    with pytest.raises(ValueError) as info:
+        fetch_backbone(
+            name="resnet18",
+            out_dir=tmp_path / "out",
+            cache_dir=tmp_path / "hub",
+            options={"weights": str(source), "key_map": KEY_MAP[:1]},  # norm1 still unmapped
+        )
+    text = str(info.value)
+    assert "\n" not in text and not (tmp_path / "out").exists()
+    assert "simclr.pth.tar: weights do not fit" in text
+    # Counts and names on both sides, not cut off.
+    assert "missing (in the model, not the file): ['bn1.bias'" in text
+    assert "unexpected (in the file, not the model): ['layer1.0.norm1.bias'" in text
+    assert "file's keys start ['module.encoder.conv1.weight'" in text
+    assert "backbone_options.resnet18.key_map" in text
+
+
+def test_timms_own_loader_error_lists_missing_and_unexpected_keys(tmp_path):
+    path = tmp_path / "prefixed.safetensors"
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    save_file({f"encoder.{k}": v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(ValueError) as info:
+        fetch_backbone(
+            name="resnet18",
+            out_dir=tmp_path / "out",
+            cache_dir=tmp_path / "hub",
+            options={"weights": str(path)},
+        )
+    text = str(info.value)
+    assert "\n" not in text
+    assert "missing (in the model, not the file): ['conv1.weight'" in text
+    assert "unexpected (in the file, not the model): ['encoder." in text
+    assert "backbone_options.resnet18.key_map" in text
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"key_map": [["(", "x"]]}, "backbone_options.resnet18.key_map[0]"),
+        ({"key_map": [["a", r"\2"]]}, "backbone_options.resnet18.key_map[0]"),
+        ({"drop_keys": ["["]}, "backbone_options.resnet18.drop_keys[0]"),
+        ({"key_map": [[".*", ""]]}, "to the empty string"),
+        ({"key_map": [[r"^module\.encoder\.", ""], [r"\d", "0"]]}, "renames both"),
+    ],
+)
+def test_bad_key_maps_are_one_line_naming_the_key(tmp_path, options, named):
+    source = tmp_path / "simclr.pth.tar"
+    foreign_checkpoint(source)
+    with pytest.raises(ValueError) as info:
+        fetch_backbone(
+            name="resnet18",
+            out_dir=tmp_path / "out",
+            cache_dir=tmp_path / "hub",
+            options={"weights": str(source), **options},
+        )
+    assert named in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_key_map_needs_a_local_file(tmp_path):
+    with pytest.raises(ValueError, match=r"set backbone_options\.resnet18\.weights"):
+        fetch_backbone(
+            name="resnet18",
+            out_dir=tmp_path / "out",
+            cache_dir=tmp_path / "hub",
+            options={"key_map": KEY_MAP},
+        )
+
+
+def test_read_state_dict_unwraps_model_and_reads_safetensors(tmp_path):
+    state = {"a.weight": torch.ones(2), "b.bias": torch.zeros(1)}
+    torch.save({"model": state, "optimizer": {}, "epoch": 1}, tmp_path / "ckpt.pth")
+    assert set(read_state_dict(tmp_path / "ckpt.pth")) == {"a.weight", "b.bias"}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    assert set(read_state_dict(tmp_path / "w.safetensors")) == {"a.weight", "b.bias"}
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"junk\.pth: not a readable weights file"):
+        read_state_dict(tmp_path / "junk.pth")
+
+
+def test_fetch_options_ignore_the_job_time_keys():
+    options = BackboneOptions.from_mapping(
+        {
+            "weights": "/w.pth",
+            "preprocess": {"input_size": 32},
+            "drop_rate": 0.1,
+            "key_map": KEY_MAP,
+        }
+    )
+    assert options.weights == "/w.pth" and options.key_map[0] == tuple(KEY_MAP[0])
+    with pytest.raises(ValueError, match="unknown backbone option"):
+        BackboneOptions.from_mapping({"weigths": "/w.pth"})

@@ -175,14 +175,18 @@ def extract_split(
     threads: int = 1,
     progress: bool = True,
     data_options: Mapping[str, Any] | None = None,
+    preprocess_overrides: Mapping[str, Any] | None = None,
 ) -> None:
     """Frozen, eval-mode penultimate features of one split into an HDF5 file.
 
     `data_root`: the toyshift folder or {source: folder}; `data_options`:
-    `registry.dataset_options` (eval transform, val carving, imagefolder layout).
+    `registry.dataset_options` (eval transform, val carving, imagefolder layout);
+    `preprocess_overrides`: config overrides of the backbone's pretrained preprocessing
+    (`load_backbone`). The file's attrs record the resolved preprocessing, as text
+    (`preprocessing`) and as JSON (`preprocess`).
     """
     # The backbone first: a missing weight cache fails at once, before a dataset is read.
-    backbone, preprocess, meta = load_backbone(model_dir)
+    backbone, preprocess, meta = load_backbone(model_dir, preprocess=preprocess_overrides)
     arrays = load_split(dataset=dataset, split=split, root=data_root, options=data_options)
     model = ImageClassifier(
         backbone=backbone, num_classes=len(arrays.class_names), preprocess=preprocess
@@ -217,6 +221,9 @@ def extract_split(
             "preprocessing": f"{transform} to {preprocess.input_size}px (crop_pct "
             f"{preprocess.crop_pct}, {preprocess.interpolation}); to float in [0,1]; normalise "
             f"mean={list(preprocess.mean)} std={list(preprocess.std)}; no augmentation",
+            "preprocess": json.dumps(
+                {**preprocess.to_dict(), "transform": transform}, sort_keys=True
+            ),
             "precision": precision,
             **subset,
         },
@@ -271,6 +278,8 @@ def run_finetune(
     data_options: Mapping[str, Any] | None = None,
     num_workers: int = 0,
     precision: str = "auto",
+    preprocess_overrides: Mapping[str, Any] | None = None,
+    backbone_kwargs: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune with one of FINETUNE_METHODS, all through the one training loop.
 
@@ -287,12 +296,18 @@ def run_finetune(
 
     `precision`: auto = bf16 autocast on a GPU, fp32 on a CPU (see `resolve_precision`).
 
+    `preprocess_overrides` (config overrides of the pretrained preprocessing) and
+    `backbone_kwargs` (drop_rate, drop_path_rate) go to `load_backbone`; config.json records
+    the resolved preprocessing and the kwargs under `backbone`.
+
     With `state_dir`, resumable state (`last.pt`) is saved there every epoch, every
     `checkpoint_minutes` and on SIGTERM; a rerun resumes from it, and it is deleted once the
     outputs are written. Keep it out of the job's declared outputs (Snakemake deletes those
     when a job fails).
     """
-    backbone, preprocess, backbone_meta = load_backbone(model_dir)  # first: fail at once
+    backbone, preprocess, backbone_meta = load_backbone(  # first: fail at once
+        model_dir, preprocess=preprocess_overrides, backbone_kwargs=backbone_kwargs
+    )
     splits = {
         split: load_split(dataset=dataset, split=split, root=data_root, options=data_options)
         for split in (*ID_SPLITS, *ood_splits)
@@ -389,6 +404,7 @@ def run_finetune(
             "method_options": options,
             "data_options": dict(data_opts),
             "backbone_sha256": backbone_meta["sha256"],
+            "backbone": {"preprocess": preprocess.to_dict(), "kwargs": dict(backbone_kwargs or {})},
             "probe_head_sha256": (
                 sha256_file(Path(probe_dir) / "head.safetensors") if probe_dir else None
             ),
@@ -460,6 +476,10 @@ def run_finetune(
                 "method_options": options,
                 "ood_splits": list(ood_splits),
                 "data_options": dict(data_opts),
+                "backbone": {
+                    "preprocess": preprocess.to_dict(),
+                    "kwargs": dict(backbone_kwargs or {}),
+                },
                 "device": device,
                 "resolved_config": dict(resolved_config or {}),
                 "environment": environment_info(),
@@ -487,6 +507,7 @@ def run_wiseft(
     device: str = "cpu",
     data_options: Mapping[str, Any] | None = None,
     num_workers: int = 0,
+    preprocess_overrides: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """WiSE-FT curve of one seed: for each selected method's run of that seed (θ₁) and each α,
     evaluate θ_α = (1 − α)·θ₀ + α·θ₁ on ID val, ID test and every OOD split, where θ₀ is the
@@ -497,7 +518,7 @@ def run_wiseft(
     from robustft.io import read_json
     from robustft.wiseft import interpolate_state_dicts
 
-    backbone, preprocess, _ = load_backbone(model_dir)
+    backbone, preprocess, _ = load_backbone(model_dir, preprocess=preprocess_overrides)
     splits = {
         split: load_split(dataset=dataset, split=split, root=data_root, options=data_options)
         for split in (*ID_SPLITS, *ood_splits)
@@ -566,6 +587,7 @@ def run_zeroshot(
     batch_size: int = 512,
     device: str = "cpu",
     data_options: Mapping[str, Any] | None = None,
+    preprocess_overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The zero-shot CLIP model of a setting: the pretrained image tower with the text tower's
     head for the dataset's class names (`zeroshot.zeroshot_head`), evaluated on ID val, ID test
@@ -574,7 +596,7 @@ def run_zeroshot(
 
     from robustft.zeroshot import load_text_tower, text_tower_name, zeroshot_head
 
-    backbone, preprocess, _ = load_backbone(model_dir)
+    backbone, preprocess, _ = load_backbone(model_dir, preprocess=preprocess_overrides)
     splits = {
         split: load_split(dataset=dataset, split=split, root=data_root, options=data_options)
         for split in (*ID_SPLITS, *ood_splits)
@@ -727,6 +749,7 @@ def feature_distortion(
     threads: int = 1,
     device: str = "cpu",
     progress: bool = True,
+    preprocess_overrides: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """How far fine-tuning moved the penultimate features, per run and split.
 
@@ -750,7 +773,7 @@ def feature_distortion(
     rows = []
     for run in runs:
         weights = Path(run["path"]).parent / "model.safetensors"
-        backbone, preprocess, _ = load_backbone(model_dir)
+        backbone, preprocess, _ = load_backbone(model_dir, preprocess=preprocess_overrides)
         model = ImageClassifier(
             backbone=backbone,
             num_classes=len(next(iter(splits.values())).class_names),

@@ -96,6 +96,7 @@ rule feature_distortion:
         **get_stage_resources("features"),
     params:
         plan=get_distortion_plan,
+        preprocess=get_distortion_preprocess,
         data_root=get_data_root,
         data_options=get_data_options("features"),
         batch_size=config["features"]["batch_size"],

@@ -170,6 +170,84 @@ def get_backbone_options(backbone):
     return dict(config["backbone_options"].get(backbone) or {})
 
 
+# backbone_options keys that shape the fetch (fetch_backbone's params); the others
+# (preprocess, drop_rate, drop_path_rate) are applied by the jobs that load the backbone.
+FETCH_OPTIONS = ("weights", "url", "sha256", "embedding")
+FETCH_MAPS = (
+    "key_map",
+    "drop_keys",
+)  # in the params only when set: old caches stay valid
+
+
+def get_fetch_options(backbone):
+    """The `backbone_options` keys of a backbone that shape its fetched weights."""
+    own = config["backbone_options"].get(backbone) or {}
+    options = {key: own[key] for key in FETCH_OPTIONS if key in own}
+    options.update({key: own[key] for key in FETCH_MAPS if own.get(key)})
+    return options
+
+
+def get_preprocess(backbone, dataset):
+    """Config overrides of a backbone's pretrained preprocessing (meta.json) on a dataset:
+    `backbone_options.<b>.preprocess`, then `dataset_settings.<d>.preprocess`, null keys
+    inheriting. A `params` entry of every rule that feeds images to the backbone, so that
+    changing it reruns those and nothing else; the job resolves it over meta.json."""
+    layers = [
+        (config["backbone_options"].get(backbone) or {}).get("preprocess"),
+        (config["dataset_settings"].get(dataset) or {}).get("preprocess"),
+    ]
+    merged = {}
+    for layer in layers:
+        merged.update({k: v for k, v in (layer or {}).items() if v is not None})
+    return dict(sorted(merged.items()))
+
+
+def get_preprocess_params(wildcards):
+    return get_preprocess(wildcards.backbone, wildcards.dataset)
+
+
+def get_backbone_kwargs(backbone):
+    """drop_rate, drop_path_rate of a backbone (set ones only): fine-tuning's params, never
+    the features' (eval mode turns them off)."""
+    own = config["backbone_options"].get(backbone) or {}
+    return {
+        key: own[key]
+        for key in ("drop_rate", "drop_path_rate")
+        if own.get(key) is not None
+    }
+
+
+def _check_backbone_options():
+    """What the schema cannot say, before any job: regexes compile, the toy has no
+    stochastic depth."""
+    for name, own in config["backbone_options"].items():
+        own = own or {}
+        where = f"backbone_options.{name}"
+        if name == TOY_BACKBONE and own.get("drop_path_rate") is not None:
+            sys.exit(
+                f"robustft: config key '{where}.drop_path_rate': the toy backbone has no "
+                "stochastic depth (drop_rate works)"
+            )
+        for field in FETCH_MAPS:
+            for index, item in enumerate(own.get(field) or []):
+                pattern, replacement = item if field == "key_map" else (item, "")
+                try:
+                    re.compile(pattern).sub(replacement, "")
+                except re.error as error:
+                    sys.exit(
+                        f"robustft: config key '{where}.{field}[{index}]': {error} "
+                        f"in {item!r}"
+                    )
+            if own.get(field) and not own.get("weights"):
+                sys.exit(
+                    f"robustft: config key '{where}.{field}' renames the keys of a local "
+                    f"file: set {where}.weights"
+                )
+
+
+_check_backbone_options()
+
+
 def get_lr_grid(method, dataset):
     """Learning rates of a method on a dataset in their one canonical spelling (folder
     names): the dataset's own grid where it has one, else the global one."""
@@ -431,6 +509,14 @@ def get_distortion_plan(wildcards):
             },
         }
         for backbone in get_backbones(dataset)
+    }
+
+
+def get_distortion_preprocess(wildcards):
+    """{backbone: its preprocessing overrides on the dataset} (feature_distortion's params)."""
+    return {
+        backbone: get_preprocess(backbone, wildcards.dataset)
+        for backbone in get_backbones(wildcards.dataset)
     }
 
 

@@ -19,6 +19,8 @@ rule extract_features:
     params:
         data_root=get_data_root,
         data_options=get_data_options("features"),
+        # Not drop_rate / drop_path_rate: eval mode turns them off.
+        preprocess=get_preprocess_params,
         batch_size=config["features"]["batch_size"],
         num_workers=config["features"]["num_workers"],
         precision=config["features"]["precision"],

@@ -30,6 +30,8 @@ rule finetune:
         # Resumable state: not an output, so that it survives the failed job it exists for.
         state_dir=f"{STATE_ROOT}/{{method}}/{{backbone}}/{{dataset}}/{{run}}/seed{{seed}}",
         data_options=get_data_options("finetune"),
+        preprocess=get_preprocess_params,
+        backbone_kwargs=lambda wildcards: get_backbone_kwargs(wildcards.backbone),
         device=config["device"],
         progress=config["progress"],
     script:

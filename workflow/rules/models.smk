@@ -42,7 +42,7 @@ rule fetch_backbone:
     conda:
         "../../envs/torch.yaml"
     params:
-        options=lambda wildcards: get_backbone_options(wildcards.backbone),
+        options=lambda wildcards: get_fetch_options(wildcards.backbone),
         cache_dir=HF_CACHE,
         progress=config["progress"],
     script:

@@ -28,6 +28,7 @@ rule wiseft:
         ood_splits=lambda wildcards: get_ood_splits(wildcards.dataset),
         data_root=get_data_root,
         data_options=get_data_options("features"),
+        preprocess=get_preprocess_params,
         batch_size=config["features"]["batch_size"],
         device=config["device"],
     script:

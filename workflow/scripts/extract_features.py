@@ -9,6 +9,7 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         split=snakemake.wildcards.split,
         data_root=snakemake.params.data_root,
         data_options=snakemake.params.data_options,
+        preprocess_overrides=snakemake.params.preprocess,
         model_dir=Path(snakemake.input.meta).parent,
         out_path=snakemake.output[0],
         backbone_name=snakemake.wildcards.backbone,

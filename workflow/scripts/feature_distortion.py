@@ -19,6 +19,7 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
             pretrained_features=plan["features"],
             runs=runs,
             data_options=snakemake.params.data_options,
+            preprocess_overrides=snakemake.params.preprocess[backbone],
             batch_size=snakemake.params.batch_size,
             num_workers=snakemake.params.num_workers,
             precision=snakemake.params.precision,

@@ -25,5 +25,7 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         device=resolve_device(snakemake.params.device),
         progress=snakemake.params.progress,
         resolved_config=snakemake.params.settings,
+        preprocess_overrides=snakemake.params.preprocess,
+        backbone_kwargs=snakemake.params.backbone_kwargs,
         **snakemake.params.settings,
     )

@@ -8,6 +8,7 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         dataset=snakemake.wildcards.dataset,
         data_root=snakemake.params.data_root,
         data_options=snakemake.params.data_options,
+        preprocess_overrides=snakemake.params.preprocess,
         model_dir=Path(snakemake.input.meta).parent,
         probe_dir=Path(snakemake.input.probe_head).parent,
         selection_files={

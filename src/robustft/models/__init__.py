@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from robustft.io import atomic_path, read_json, sha256_file, write_json
+from robustft.models.keymap import describe_mismatch, parse_load_error
+from robustft.models.preprocess import INTERPOLATIONS as INTERPOLATIONS
+from robustft.models.preprocess import PREPROCESS_KEYS as PREPROCESS_KEYS
+from robustft.models.preprocess import Preprocess as Preprocess
+from robustft.models.preprocess import merge_preprocess as merge_preprocess
+from robustft.models.preprocess import timm_preprocess as timm_preprocess
 from robustft.models.toy import ToyResNet
 
 log = logging.getLogger(__name__)
@@ -50,46 +57,6 @@ def fetch_command(name: str, *, force: bool = False) -> str:
 
 class BackboneNotFetchedError(FileNotFoundError):
     """A backbone's weights are not in the local cache. The message is one line."""
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """What a backbone expects: input size, resize/crop, and the normalisation it was trained with.
-
-    Datasets deliver uint8 images of `input_size` (resized so that the centre crop of
-    `crop_pct` is `input_size`, with `interpolation`); `ImageClassifier` normalises them.
-    """
-
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    crop_pct: float = 1.0
-    interpolation: str = "bilinear"
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Preprocess:
-        known = {field.name for field in fields(cls)}
-        values = {key: value for key, value in data.items() if key in known}
-        values["mean"] = tuple(float(x) for x in values["mean"])
-        values["std"] = tuple(float(x) for x in values["std"])
-        return cls(**values)
-
-
-def timm_preprocess(model: nn.Module) -> Preprocess:
-    """The preprocessing in a timm model's own pretrained config."""
-    from timm.data import resolve_data_config
-
-    config = resolve_data_config({}, model=model)
-    _, height, width = config["input_size"]
-    if height != width:
-        raise ValueError(f"non-square input size {height}×{width} is not supported")
-    return Preprocess(
-        input_size=int(height),
-        mean=tuple(float(x) for x in config["mean"]),
-        std=tuple(float(x) for x in config["std"]),
-        crop_pct=float(config.get("crop_pct") or 1.0),
-        interpolation=str(config.get("interpolation") or "bilinear"),
-    )
 
 
 class ImageClassifier(nn.Module):
@@ -164,18 +131,29 @@ def _resolve_embedding(name: str, embedding: str) -> str:
 
 
 def create_timm_backbone(
-    *, name: str, embedding: str = "auto", weights_file: str | Path | None = None
+    *,
+    name: str,
+    embedding: str = "auto",
+    weights_file: str | Path | None = None,
+    drop_rate: float | None = None,
+    drop_path_rate: float | None = None,
 ) -> TimmBackbone:
     """A timm model as a backbone; random weights, or `weights_file` loaded strictly by timm.
 
     The model is built with its pretrained head size so that the load is strict (timm drops
     the classifier, and stops checking keys, when the head size differs); the head is removed
-    afterwards unless it is the embedding projection.
+    afterwards unless it is the embedding projection. `drop_rate` (dropout before the head)
+    and `drop_path_rate` (stochastic depth) act in training mode only; None = timm's default.
     """
     import timm
 
     embedding = _resolve_embedding(name, embedding)
     kwargs: dict[str, Any] = {"num_classes": pretrained_num_classes(name)}
+    kwargs |= {
+        key: float(value)
+        for key, value in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate))
+        if value is not None
+    }
     if weights_file is not None:
         weights_file = Path(weights_file)
         if not weights_file.is_file():
@@ -183,12 +161,28 @@ def create_timm_backbone(
         kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(weights_file)}}
     try:
         model = timm.create_model(name, **kwargs)
+    except TypeError as error:
+        # A model class without drop_path_rate (or drop_rate) refuses the keyword.
+        rates = [key for key in ("drop_rate", "drop_path_rate") if key in kwargs]
+        if rates and any(key in str(error) for key in rates):
+            raise ValueError(
+                f"timm model {name!r} does not take {' or '.join(rates)} "
+                f"(set backbone_options.{name}.{rates[0]}: null)"
+            ) from None
+        raise
     except RuntimeError as error:
         text = " ".join(str(error).split())
         if weights_file is None:
             raise ValueError(f"timm cannot build {name!r}: {text}") from None
+        described = parse_load_error(str(error))
         raise ValueError(
-            f"{weights_file}: weights do not fit timm model {name!r} ({text[:300]})"
+            f"{weights_file}: weights do not fit timm model {name!r} ("
+            + (
+                f"{described}; rename the file's keys with backbone_options.{name}.key_map"
+                if described
+                else text[:500]
+            )
+            + ")"
         ) from None
     except Exception as error:  # torch.load / safetensors raise their own types
         if weights_file is None:
@@ -200,11 +194,35 @@ def create_timm_backbone(
     return TimmBackbone(model, embedding=embedding)
 
 
+# Options of a backbone that shape training only (eval mode turns them off): they never
+# change features, so they are not recorded in meta.json and reach `load_backbone` per job.
+BACKBONE_KWARGS = ("drop_rate", "drop_path_rate")
+
+
+def check_backbone_kwargs(architecture: str, kwargs: Mapping[str, Any] | None) -> dict[str, float]:
+    """`kwargs` (drop_rate, drop_path_rate; None = the default) checked, nulls dropped; one-line
+    errors naming `backbone_options.<architecture>.<key>`. The toy takes drop_rate only."""
+    out: dict[str, float] = {}
+    for key, value in (kwargs or {}).items():
+        where = f"backbone_options.{architecture}.{key}"
+        if key not in BACKBONE_KWARGS:
+            raise ValueError(f"{where}: unknown; known: {', '.join(BACKBONE_KWARGS)}")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            raise ValueError(f"{where}: expected a number in [0, 1), got {value!r}")
+        if architecture == TOY_BACKBONE and key != "drop_rate":
+            raise ValueError(f"{where}: the toy backbone has no stochastic depth (use drop_rate)")
+        out[key] = float(value)
+    return out
+
+
 def build_backbone(*, architecture: str, kwargs: dict[str, Any]) -> nn.Module:
     """A backbone with random weights and no head (num_classes=0).
 
     `architecture` is `toyresnet` or a timm model name; for timm, `kwargs` may hold
-    `embedding` (auto, pooled, projected).
+    `embedding` (auto, pooled, projected), `drop_rate` and `drop_path_rate`; the toy takes
+    `width` and `drop_rate`.
     """
     if architecture == TOY_BACKBONE:
         return ToyResNet(num_classes=0, **kwargs)
@@ -273,8 +291,19 @@ def weights_path(model_dir: str | Path, meta: dict[str, Any]) -> Path:
     return file if file.is_absolute() else Path(os.path.normpath(Path(model_dir) / file))
 
 
-def load_backbone(model_dir: str | Path) -> tuple[nn.Module, Preprocess, dict[str, Any]]:
+def load_backbone(
+    model_dir: str | Path,
+    *,
+    preprocess: Mapping[str, Any] | None = None,
+    backbone_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[nn.Module, Preprocess, dict[str, Any]]:
     """Load a backbone saved by `save_backbone` or `fetch_backbone`; check its checksum and keys.
+
+    `preprocess`: config overrides of the pretrained preprocessing in meta.json (see
+    `merge_preprocess`; the workflow passes `backbone_options.<b>.preprocess` with
+    `dataset_settings.<d>.preprocess` laid over it). `backbone_kwargs`: `drop_rate`,
+    `drop_path_rate` for training (see `check_backbone_kwargs`). Returns the backbone, the
+    resolved preprocessing and meta.json's contents.
 
     Reads local files only. A backbone missing from the cache raises
     `BackboneNotFetchedError` with one line naming it and the command that fetches it.
@@ -290,6 +319,11 @@ def load_backbone(model_dir: str | Path) -> tuple[nn.Module, Preprocess, dict[st
             f"on a machine with internet access run: {fetch_command(name)}"
         )
     meta = read_json(meta_path)
+    # Config errors before the weights are read: they name the key to fix.
+    resolved = merge_preprocess(
+        Preprocess.from_dict(meta["preprocess"]), preprocess, key=f"{name}: preprocess"
+    )
+    extra_kwargs = check_backbone_kwargs(meta["architecture"], backbone_kwargs)
     weights = weights_path(model_dir, meta)
     if not weights.exists():
         if name == TOY_BACKBONE or meta.get("source", {}).get("kind") == "local":
@@ -303,7 +337,7 @@ def load_backbone(model_dir: str | Path) -> tuple[nn.Module, Preprocess, dict[st
     weights_format = meta.get("weights", {}).get("format", FORMAT_STATE_DICT)
     if weights_format == FORMAT_TIMM:
         backbone = create_timm_backbone(
-            name=meta["architecture"], weights_file=weights, **meta["kwargs"]
+            name=meta["architecture"], weights_file=weights, **meta["kwargs"], **extra_kwargs
         )
         if backbone.num_features != meta["num_features"]:
             raise ValueError(
@@ -311,7 +345,9 @@ def load_backbone(model_dir: str | Path) -> tuple[nn.Module, Preprocess, dict[st
                 f"meta.json says {meta['num_features']} (fetched with another timm version?)"
             )
     elif weights_format == FORMAT_STATE_DICT:
-        backbone = build_backbone(architecture=meta["architecture"], kwargs=meta["kwargs"])
+        backbone = build_backbone(
+            architecture=meta["architecture"], kwargs={**meta["kwargs"], **extra_kwargs}
+        )
         try:
             state = load_file(str(weights))
         except Exception as error:  # safetensors raises its own error types
@@ -319,26 +355,29 @@ def load_backbone(model_dir: str | Path) -> tuple[nn.Module, Preprocess, dict[st
         load_state(backbone, state, source=weights)
     else:
         raise ValueError(f"{meta_path}: unknown weights format {weights_format!r}")
-    return backbone, Preprocess.from_dict(meta["preprocess"]), meta
+    return backbone, resolved, meta
 
 
 def load_state(module: nn.Module, state: dict[str, torch.Tensor], *, source: str | Path) -> None:
-    """Load a state dict strictly, with one line naming the file on any mismatch."""
+    """Load a state dict strictly, with one line naming the file on any mismatch: counts and
+    the first names of the missing and unexpected keys, and the first keys of each side."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(
-            f"{source}: weights do not fit this architecture "
-            f"({len(missing)} missing keys, e.g. {missing[:2]}; "
-            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]})"
+    shapes = [
+        f"{key}: file {tuple(value.shape)}, model {tuple(own[key].shape)}"
+        for key, value in state.items()
+        if key in own and own[key].shape != value.shape
+    ]
+    if missing or unexpected or shapes:
+        described = describe_mismatch(
+            missing=missing,
+            unexpected=unexpected,
+            shapes=shapes,
+            file_keys=list(state) if missing or unexpected else (),
+            model_keys=list(own) if missing or unexpected else (),
         )
-    for key, value in state.items():
-        if own[key].shape != value.shape:
-            raise ValueError(
-                f"{source}: weights do not fit this architecture ('{key}' has shape "
-                f"{tuple(value.shape)}, expected {tuple(own[key].shape)})"
-            )
+        raise ValueError(f"{source}: weights do not fit this architecture ({described})")
     module.load_state_dict(state)
 
 

@@ -33,6 +33,13 @@ from robustft.models import (
     timm_preprocess,
     write_meta,
 )
+from robustft.models.keymap import (
+    compile_drop_keys,
+    compile_key_map,
+    first,
+    read_state_dict,
+    rename_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +54,36 @@ DOWNLOAD_TIMEOUT_S = 60
 MOCO_ARCHITECTURE = "resnet50.tv_in1k"
 
 
+# Keys of `backbone_options.<name>` that jobs apply when they load the backbone, not the fetch
+# (the workflow keeps them out of fetch_backbone's params, so they never refetch).
+JOB_OPTIONS = ("preprocess", "drop_rate", "drop_path_rate")
+
+
 @dataclass(frozen=True)
 class BackboneOptions:
-    """Per-backbone settings (config key `backbone_options.<name>`)."""
+    """Per-backbone settings of the fetch (config key `backbone_options.<name>`)."""
 
     weights: str | None = None  # a local weights file instead of a download
     url: str | None = None  # moco_v2_resnet50: where its checkpoint is downloaded from
     sha256: str | None = None  # expected SHA-256 of the downloaded or local file
     embedding: str = "auto"  # timm: auto, pooled or projected
+    key_map: tuple[tuple[str, str], ...] = ()  # [regex, replacement] for the keys of `weights`
+    drop_keys: tuple[str, ...] = ()  # regexes: keys of `weights` left out before key_map
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> BackboneOptions:
-        data = dict(data or {})
+        """The fetch's options from a config entry; the job-time keys (JOB_OPTIONS) are skipped."""
+        data = {key: value for key, value in dict(data or {}).items() if key not in JOB_OPTIONS}
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"unknown backbone option(s) {unknown}")
-        return cls(**data)
+        key_map = data.pop("key_map", None) or ()
+        drop_keys = data.pop("drop_keys", None) or ()
+        return cls(
+            **data,
+            key_map=tuple(tuple(pair) if isinstance(pair, list) else pair for pair in key_map),
+            drop_keys=tuple(drop_keys),
+        )
 
 
 class FetchError(RuntimeError):
@@ -85,11 +106,18 @@ def fetch_backbone(
     if name == TOY_BACKBONE:
         raise ValueError(f"{name!r} is pretrained inside the workflow (rule pretrain_backbone)")
     if name == MOCO_V2_BACKBONE:
+        if options.key_map or options.drop_keys:
+            raise ValueError(
+                f"backbone_options.{name}: key_map and drop_keys are for timm names; "
+                f"{name} converts its MoCo checkpoint itself"
+            )
         return _fetch_moco_v2(
             out_dir=out_dir, cache_dir=cache_dir, options=options, progress=progress
         )
     if options.url is not None:
         raise ValueError(f"backbone option 'url' is for {MOCO_V2_BACKBONE} only, not {name!r}")
+    if options.key_map or options.drop_keys:
+        return _fetch_mapped(name=name, out_dir=out_dir, options=options)
     if options.weights is not None:
         path = _local_file(options.weights)
         source: dict[str, Any] = {"kind": "local", "path": str(path)}
@@ -111,6 +139,72 @@ def fetch_backbone(
     )
     log.info("%s: %d features, weights %s", name, backbone.num_features, path)
     return meta
+
+
+def _fetch_mapped(*, name: str, out_dir: Path, options: BackboneOptions) -> dict[str, Any]:
+    """A local weights file of another code base: its keys dropped and renamed by the config,
+    loaded strictly into timm's `name`, and saved converted (safetensors state dict of the
+    backbone) beside meta.json, which records the source file, its SHA-256 and the key map.
+
+    The pretrained head: with the pooled embedding the backbone has none, so the file's
+    classifier keys (timm's names for `name`, after renaming) are left out, and recorded; with
+    the projected embedding the head is the projection and must be in the file.
+    """
+    where = f"backbone_options.{name}"
+    if options.weights is None:
+        raise ValueError(
+            f"{where}.key_map/drop_keys rename the keys of a local file: set {where}.weights"
+        )
+    # Config errors first, before the (possibly large) file is read.
+    compile_key_map([list(pair) for pair in options.key_map], key=f"{where}.key_map")
+    compile_drop_keys(list(options.drop_keys), key=f"{where}.drop_keys")
+    path = _local_file(options.weights)
+    digest = _check_sha256(path, options.sha256)
+    original = read_state_dict(path)
+    state = rename_keys(
+        original,
+        key_map=options.key_map,
+        drop_keys=options.drop_keys,
+        source=path,
+        key=where,
+    )
+    backbone = create_timm_backbone(name=name, embedding=options.embedding)
+    dropped_head: list[str] = []
+    if backbone.embedding == "pooled":
+        classifier = str(backbone.pretrained_cfg.get("classifier") or "")
+        heads = [part for part in classifier.split(",") if part] if classifier else []
+        dropped_head = sorted(
+            key for key in state if any(key == h or key.startswith(f"{h}.") for h in heads)
+        )
+        for key in dropped_head:
+            del state[key]
+    try:
+        load_state(backbone.model, state, source=path)
+    except ValueError as error:
+        raise ValueError(
+            f"{error}; before {where}.key_map the file's keys start {first(original, 3)}: "
+            f"fix {where}.key_map or {where}.drop_keys"
+        ) from None
+    save_backbone(
+        backbone=backbone,
+        out_dir=out_dir,
+        architecture=name,
+        kwargs={"embedding": backbone.embedding},
+        preprocess=timm_preprocess(backbone.model),
+        extra={
+            "source": {
+                "kind": "local",
+                "path": str(path),
+                "sha256": digest,
+                "key_map": [list(pair) for pair in options.key_map],
+                "drop_keys": list(options.drop_keys),
+                "dropped_head_keys": dropped_head,
+            },
+            "options": asdict(options),
+        },
+    )
+    log.info("%s: %s converted (%d tensors)", name, path, len(state))
+    return read_json(out_dir / META_FILE)
 
 
 def _local_file(value: str | Path) -> Path:

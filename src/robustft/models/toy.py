@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -36,10 +37,17 @@ class ToyResNet(nn.Module):
     """
 
     def __init__(
-        self, *, width: int = 16, num_classes: int = 0, in_channels: int = 3, stem_stride: int = 2
+        self,
+        *,
+        width: int = 16,
+        num_classes: int = 0,
+        in_channels: int = 3,
+        stem_stride: int = 2,
+        drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.width = width
+        self.drop_rate = float(drop_rate)  # timm's: dropout on the pooled features, training only
         self.stem = nn.Sequential(
             # Stride 2 at the stem: a 32×32 image needs no full-resolution stage, and it makes
             # the network four times cheaper (the embedded benchmark must run on 2 CPU cores).
@@ -73,6 +81,8 @@ class ToyResNet(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.mean(dim=(2, 3))
+        if self.drop_rate:  # no call at 0: the same random stream as before this option
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
