@@ -159,6 +159,20 @@ def test_lpft_starts_from_the_probe(tiny_run):
         assert history.loc[0, column] == pytest.approx(probe[column], abs=1e-9), column
 
 
+def test_batchnorm_and_clipping_settings_reach_each_run_with_dataset_overrides(tiny_run):
+    """configs/tiny.yaml: FT's BatchNorm and clipping come from dataset_settings.toyshift, LP-FT
+    keeps its own (frozen; clipped at the schema's default 5)."""
+    runs = tiny_run / "results/finetune"
+    ft = json.loads((runs / "ft/toyresnet/toyshift/lr0.01/seed0/config.json").read_text())
+    lpft = json.loads((runs / "lpft/toyresnet/toyshift/lr0.001/seed0/config.json").read_text())
+    assert (ft["settings"]["bn"], ft["settings"]["clip_grad_norm"]) == ("frozen_adapt", 5)
+    assert (lpft["settings"]["bn"], lpft["settings"]["clip_grad_norm"]) == ("frozen", 5.0)
+    history = pd.read_csv(runs / "ft/toyresnet/toyshift/lr0.01/seed0/history.csv")
+    assert {"grad_norm_max", "clipped"} <= set(history.columns)
+    metrics = json.loads((runs / "ft/toyresnet/toyshift/lr0.01/seed0/metrics.json").read_text())
+    assert metrics["diverged"] is False and metrics["collapse"] is None
+
+
 def test_effective_robustness_table_has_every_epoch_and_the_baseline(tiny_run):
     table = pd.read_csv(tiny_run / "results/analysis/er/toyshift.csv")
     assert set(table["method"]) == {"baseline", "lp", *FINETUNED}

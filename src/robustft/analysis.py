@@ -6,6 +6,7 @@ histories); needs no torch, so these jobs start fast.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +19,8 @@ from robustft.io import atomic_path, read_json, write_json
 from robustft.robustness import BaselineLine, effective_robustness, fit_baseline
 
 MEAN = "mean"  # the line and ER of the mean over OOD splits
+
+log = logging.getLogger(__name__)
 
 
 def _accuracies(source: Mapping[str, Any], ood_splits: Sequence[str], *, where: str) -> dict:
@@ -286,8 +289,19 @@ def write_distortion(
     import matplotlib.pyplot as plt
 
     table = pd.DataFrame(rows)
-    if table.empty:
-        raise ValueError("no fine-tuning runs to measure distortion on")
+    if table.empty:  # every selected sweep collapsed (select_run): say so, measure nothing
+        log.warning("no fine-tuning run to measure distortion on: every sweep diverged")
+        with atomic_path(csv_path) as tmp:
+            pd.DataFrame(columns=["dataset", "backbone", "method", "seed", "split"]).to_csv(
+                tmp, index=False
+            )
+        fig, axis = plt.subplots(figsize=(5, 2))
+        axis.text(0.5, 0.5, "no run to measure: every sweep diverged", ha="center")
+        axis.set_axis_off()
+        with atomic_path(plot_path) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+        return table
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     means = table.groupby(["method", "split"], sort=False)[["relative_change", "cka"]].mean()
