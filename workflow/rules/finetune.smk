@@ -58,6 +58,8 @@ rule clean_state:
     log:
         f"{LOGS}/clean_state.log",
     localrule: True
+    conda:
+        "../../envs/analysis.yaml"
     params:
         root=STATE_ROOT,
         owned=get_state_dirs(),
