@@ -18,7 +18,7 @@ is not applied). --save-features DIR writes the mixture in that form and exits.
     python benchmarks/probe.py --n 5000 --dim 256              # a quick smoke run
     python benchmarks/probe.py --refine-tol 1e-5               # choose among tighter fits
     python benchmarks/probe.py --features results/features/toyresnet/toyshift
-    python benchmarks/probe.py --features DIR --grid -4 4 13   # the workflow's C grid
+    python benchmarks/probe.py --features DIR --grid -4 2 13   # config.yaml's C grid
     python benchmarks/probe.py --imagenet --device cuda        # 1.28M × 2048, 1000 classes: GPU
 """
 
