@@ -10,6 +10,7 @@ from robustft.probe import (
     coarse_to_fine,
     fit_probe,
     fit_probe_torch,
+    refinement,
     run_probe,
     scalar_standardization,
 )
@@ -240,3 +241,81 @@ def test_solver_key_defaults_to_torch_and_reaches_the_metrics(tmp_path):
         )
         assert metrics["solver"] == solver and metrics["converged"]
         assert (tmp_path / solver / "head.safetensors").exists()
+
+
+def two_peak_problem(*, first=40, second=60, margin=0.05):
+    """Train set with a 240/30/30 class imbalance, and a val set whose accuracy over the
+    paper's grid has two peaks: `first` examples right at small C, `second` at large C.
+
+    Every C of the grid is fitted with scikit-learn (tol 1e-10) on the standardised train
+    set, and candidate val points are kept by their predictions along the path, each decided
+    by at least `margin` in logits (so that any solver's fit to tol 1e-4 predicts the same):
+
+    - the first group: labelled 0, the majority class that every C up to grid index 26
+      predicts; from index 28 on another class wins. Right at C ≤ index 26 only.
+    - the second group: labelled with the class predicted from grid index 34 on, which no
+      C up to index 33 predicts. Right at C ≥ index 34 only.
+
+    Val accuracy is then 0.4 up to index 26, 0 from 28 to 33, 0.6 from 34 on: the full
+    sweep chooses index 34 (ties to the smallest C), which is not on the coarse grid
+    (every 4th index).
+    """
+    rng = np.random.default_rng(0)
+    centers = 1.5 * rng.normal(0, 1, (3, 4))
+    train_y = np.repeat(np.arange(3), [240, 30, 30])
+    train_x = (5 * (centers[train_y] + rng.normal(0, 1, (len(train_y), 4))) + 3).astype(np.float32)
+    candidates = (5 * rng.normal(0, 2.5, (20000, 4)) + 3).astype(np.float32)
+    grid = [float(c) for c in np.logspace(-7, 2, 50)]
+    mean, std = scalar_standardization(train_x)
+    logits = np.stack(
+        [
+            LogisticRegression(C=c, tol=1e-10, max_iter=10000)
+            .fit((train_x - mean) / std, train_y)
+            .decision_function((candidates - mean) / std)
+            for c in grid
+        ]
+    )  # (C, candidate, class)
+
+    def lead(label):  # logit of `label` minus the best other class's, per C and candidate
+        others = np.delete(logits, label, axis=2).max(axis=2)
+        return logits[:, :, label] - others
+
+    majority = lead(0)
+    in_first = (majority[:27] >= margin).all(axis=0) & (majority[28:] <= -margin).all(axis=0)
+    final = logits[-1].argmax(axis=1)
+    final_lead = np.stack([lead(k) for k in range(3)])[final, :, np.arange(len(final))].T
+    in_second = (final_lead[34:] >= margin).all(axis=0) & (final_lead[:34] <= -margin).all(axis=0)
+    chosen_first = np.flatnonzero(in_first)[:first]
+    chosen_second = np.flatnonzero(in_second)[:second]
+    assert len(chosen_first) == first and len(chosen_second) == second
+    val_x = candidates[np.concatenate([chosen_first, chosen_second])]
+    val_y = np.concatenate([np.zeros(first, dtype=np.int64), final[chosen_second]])
+    return train_x, train_y, val_x, val_y, grid
+
+
+def test_a_higher_second_peak_between_coarse_values_is_chosen_as_the_full_sweep_chooses():
+    train_x, train_y, val_x, val_y, grid = two_peak_problem()
+    settings = dict(
+        train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, c_grid=grid, num_classes=3
+    )
+    full = fit_probe(**settings, solver="sklearn")
+    curve = [row["val_acc"] for row in full.sweep]
+    # Not unimodal: a first peak, a dip to zero, a higher second peak that starts between
+    # the coarse values 32 and 36.
+    assert curve[:27] == [0.4] * 27 and curve[28:34] == [0.0] * 6 and curve[34:] == [0.6] * 16
+    assert grid[34] == full.C
+    # The old coarse pass stopped at the dip (index 28 worse than index 0) and chose index 0.
+    ours = fit_probe(**settings, solver="torch")
+    assert ours.C == full.C
+    assert (ours.predict(val_x) == val_y).mean() == 0.6
+    assert len(ours.sweep) < len(grid)
+
+
+def test_refinement_bisects_the_gaps_that_could_hold_the_full_sweeps_choice():
+    val_acc = {0: 0.4, 4: 0.4, 8: 0.0, 12: 0.6, 16: 0.6, 17: 0.3}
+    # Reach 0: only a tie at a smaller C could win, to the left of the best.
+    assert refinement(val_acc, 12, reach=0.0) == [10]
+    # Reach 0.01: also a peak up to 0.01 above the better end of a gap.
+    assert refinement(val_acc, 12, reach=0.01) == [10, 14]
+    # Reach 0.2: the first peak could be within reach too.
+    assert refinement(val_acc, 12, reach=0.2) == [2, 6, 10, 14]

@@ -6,6 +6,7 @@ deviation over the training features before the fit.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import warnings
@@ -162,13 +163,34 @@ def coarse_to_fine(count: int, *, points: int = 12) -> tuple[list[int], int]:
     return first, step
 
 
+def refinement(val_acc: Mapping[int, float], best: int, *, reach: float) -> list[int]:
+    """The grid indices to fit next: the midpoint of each gap between neighbouring fitted
+    indices (`val_acc`: grid index → val accuracy) where the full sweep's choice could lie.
+
+    A gap (a, b) is bisected when a value inside it, at most `reach` above the better of
+    val_acc[a] and val_acc[b], would win over `best` by the full sweep's rule: higher val
+    accuracy, or the same at a smaller C. With `reach` 0 only the gaps beside the best fits
+    are bisected (a peak never stands above both of its fitted neighbours); with `reach` > 0
+    also those around every fit within `reach` of the best.
+    """
+    fitted = sorted(val_acc)
+    top = val_acc[best]
+    indices = []
+    for a, b in itertools.pairwise(fitted):
+        bound = max(val_acc[a], val_acc[b]) + reach
+        if b - a >= 2 and (bound > top or (bound == top and a < best)):
+            indices.append((a + b) // 2)
+    return indices
+
+
 def _start_point(
     i: int, solutions: Mapping[int, tuple[Any, Any]], log_c: np.ndarray
 ) -> tuple[Any, Any] | None:
     """A warm start for grid index `i` from the solutions fitted so far.
 
     The regularisation path is smooth in log C: between two fitted values it is interpolated,
-    beyond the largest it is extrapolated from the last two, linearly in log C.
+    beyond the largest it is extrapolated from the last two, linearly in log C
+    (`fit_probe_torch` starts there from `_shrinkage_start` instead).
     """
     below = sorted(j for j in solutions if j < i)
     above = sorted(j for j in solutions if j > i)
@@ -187,6 +209,29 @@ def _start_point(
         weight_a + share * (weight_b - weight_a),
         bias_a + share * (bias_b - bias_a),
     )
+
+
+def _shrinkage_start(
+    solution: tuple[Any, Any],
+    *,
+    basis: Any,
+    variance: Any,
+    curvature_from: float,
+    curvature_to: float,
+    lam_from: float,
+    lam_to: float,
+) -> tuple[Any, Any]:
+    """A warm start at penalty `lam_to` from the fit (weight, bias) at `lam_from`.
+
+    In a quadratic model of the loss with Hessian c·Σ (Σ's eigenvectors `basis`, eigenvalues
+    `variance`), the optimum's coordinate along eigenvector j is c·sⱼ/(c·sⱼ + λ) times the
+    unpenalised one's: from λ to λ' it is multiplied by (c·sⱼ + λ)/(c'·sⱼ + λ'). That is
+    exact at small C (W ∝ C) and levels off at large C, where extrapolating the path
+    linearly in log C overshoots. The intercepts are kept.
+    """
+    weight, bias = solution
+    factor = (curvature_from * variance + lam_from) / (curvature_to * variance + lam_to)
+    return ((weight @ basis) * factor) @ basis.T, bias
 
 
 class _RowBlocks:
@@ -392,6 +437,7 @@ def fit_probe_torch(
     progress: bool = False,
     device: str = "cpu",
     refine_tol: float | None = None,
+    refine_reach: float = 0.005,
     coarse_points: int = 12,
     together: int = 2,
     history_size: int = 10,
@@ -399,17 +445,27 @@ def fit_probe_torch(
     """Full-batch, preconditioned L-BFGS in float32 over the C grid (`_PathProblem`).
 
     Converged means the largest absolute gradient entry is at most `tol`, scikit-learn's
-    (scipy's pgtol) test. Only part of the grid is fitted: a coarse subset
-    (`coarse_to_fine`), `together` values at a time in ascending order until one is worse
-    than the best so far, then the neighbours of the best val accuracy at halving distances
-    down to one grid step (the refinement of CLIP_benchmark and DINOv2), in pairs. Each fit
-    starts from the path interpolated or extrapolated through the fits so far
-    (`_start_point`). Ties go to the smallest C. The sweep lists the fitted C only.
+    (scipy's pgtol) test. C is chosen as the full sweep (`fit_probe_sklearn`) chooses it:
+    the highest val accuracy, ties to the smallest C. The search: the coarse subset of the
+    grid (`coarse_to_fine`), all of it, `together` values at a time in ascending order (val
+    accuracy is not assumed unimodal in C); then bisection of every gap between fitted
+    neighbours that could hold a better C (`refinement`), down to one grid step. Each fit
+    starts from the path interpolated through the fits so far (`_start_point`), or beyond
+    the largest fitted C from its ridge shrinkage (`_shrinkage_start`). The sweep lists the
+    fitted C only.
 
-    `refine_tol` (default: `tol`): the refinement and the best coarse fit converge to it,
-    and C is chosen among those fits. At tol 1e-4 a warm-started fit's val accuracy can be
-    a few tenths of a point from its optimum's, as much as neighbouring C differ near the
-    peak; 1e-5 makes the choice that of the exact optima at about 1.5× the time.
+    On these fits' val accuracies, the choice is the full sweep's whenever its C stands at most
+    `refine_reach` (val accuracy, a fraction) above the better of the two fits around it at
+    each step of the bisection. That holds when, on one side of the best C, val accuracy
+    stays within `refine_reach` of the best for one coarse step; a peak narrower than that,
+    between two coarse values both more than `refine_reach` below the best, can be missed.
+    A larger `refine_reach` refines more of the curve (all of a flat top) at more fits.
+
+    `refine_tol` (default: `tol`): every fit within `refine_reach` of the best, and every
+    fit of the refinement, converges to it, and C is chosen among those fits. At tol 1e-4 a
+    warm-started fit's val accuracy can be a few tenths of a point from its optimum's, as
+    much as neighbouring C differ near the peak; 1e-5 makes the choice that of the exact
+    optima at about 1.5× the time.
     """
     import torch
 
@@ -452,12 +508,14 @@ def fit_probe_torch(
         starts, curvatures = [], []
         for i in indices:
             # A fit to polish starts from itself; a new one from the path.
-            starts.append(solutions.get(i) or _start_point(i, solutions, log_c) or origin)
+            if i not in solutions and solutions and i > max(solutions):
+                starts.append(shrinkage_start(i))
+            else:
+                starts.append(solutions.get(i) or _start_point(i, solutions, log_c) or origin)
             nearest = min(curvature, key=lambda j: abs(j - i), default=None)
             # At C → 0 every class has probability ≈ 1/K: curvature (1 − 1/K)/K.
-            curvatures.append(
-                curvature[nearest] if nearest is not None else (1 - 1 / classes) / classes
-            )
+            guess = curvature[nearest] if nearest is not None else (1 - 1 / classes) / classes
+            curvatures.append(guess)
         result = problem.fit(
             lams=[penalty / (grid[i] * n) for i in indices],
             weights=torch.stack([start[0] for start in starts]),
@@ -497,38 +555,57 @@ def fit_probe_torch(
                 )
         bar.update(len(indices))
 
+    def shrinkage_start(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Beyond the largest fit: ridge shrinkage (`_shrinkage_start`) from it, with the
+        # softmax's curvature extrapolated log-linearly in C from the last two fits (it
+        # falls as predictions grow confident; never taken to rise).
+        below = sorted(solutions)
+        last = below[-1]
+        curvature_to = curvature[last]
+        if len(below) >= 2:
+            a = below[-2]
+            share = float((log_c[i] - log_c[last]) / (log_c[last] - log_c[a]))
+            ratio = min(curvature[last] / max(curvature[a], 1e-9), 1.0)
+            curvature_to = curvature[last] * ratio**share
+        return _shrinkage_start(
+            solutions[last],
+            basis=problem.basis,
+            variance=problem.variance,
+            curvature_from=curvature[last],
+            curvature_to=curvature_to,
+            lam_from=penalty / (grid[last] * n),
+            lam_to=penalty / (grid[i] * n),
+        )
+
     def best_index(among: set[int] | None = None) -> int:
         # Highest val accuracy; ties to the smallest C, as in the sklearn sweep.
         candidates = sorted(sweep if among is None else among)
         return max(candidates, key=lambda i: (sweep[i]["val_acc"], -i))
 
     first, step = coarse_to_fine(len(grid), points=coarse_points)
-    # A small grid is fitted whole, each value to refine_tol.
     with tqdm(disable=not progress, desc="C sweep", ascii=True, unit="C") as bar:
+        # The whole coarse grid, in ascending groups: val accuracy need not be unimodal in C
+        # (real features can have a second, higher peak at large C), and nothing seen at
+        # small C bounds what larger C reach. A small grid is fitted whole, to refine_tol.
         for start in range(0, len(first), together):
-            group = first[start : start + together]
-            fit(group, polish=step == 1)
-            # Past the peak: the larger C of the coarse grid (the slowest fits) are skipped;
-            # val accuracy is taken as unimodal in log C, as the bisection of CLIP_benchmark
-            # does. The refinement still looks one coarse step either side of the best.
-            if sweep[group[-1]]["val_acc"] < sweep[best_index()]["val_acc"]:
+            fit(first[start : start + together], polish=step == 1)
+        # Then bisect every gap between neighbouring fits that could hold the full sweep's
+        # choice (`refinement`), and polish every fit within `refine_reach` of the best. Near
+        # a peak val accuracy changes by tenths of a point between neighbouring C, and a
+        # warm-started fit that just meets tol 1e-4 can be that far from its optimum's: with
+        # refine_tol < tol the choice is made among fits to refine_tol only.
+        while True:
+            best = best_index()
+            indices = refinement(
+                {i: row["val_acc"] for i, row in sweep.items()}, best, reach=refine_reach
+            )
+            reach = sweep[best]["val_acc"] - refine_reach
+            indices += [i for i in sweep if sweep[i]["val_acc"] >= reach and i not in polished]
+            if not indices:
                 break
-        # Near the peak val accuracy changes by tenths of a point between neighbouring C,
-        # and a warm-started fit that just meets tol 1e-4 can be that far from its
-        # optimum's. With refine_tol < tol the coarse pass only finds the peak, and the
-        # choice is made among fits to refine_tol: the best coarse fit (polished from
-        # itself), then the neighbours at halving distances.
-        centre_index = best_index()
-        while step > 1:
-            step //= 2
-            group = [
-                i
-                for i in (centre_index - step, centre_index, centre_index + step)
-                if 0 <= i < len(grid) and i not in polished
-            ]
-            if group:
-                fit(group, polish=True)
-            centre_index = best_index(polished or None)
+            indices = sorted(set(indices))
+            for start in range(0, len(indices), together):
+                fit(indices[start : start + together], polish=True)
     chosen = best_index(polished or None)
     weight_k = np.zeros((num_classes, dim), dtype=np.float64)
     bias_k = np.full(num_classes, -1e9 if len(present) < num_classes else 0.0)
