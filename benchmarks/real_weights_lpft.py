@@ -9,14 +9,22 @@ Steps, each through the library where it has one:
    `--check-weights` also compares the logits with the port's own architecture
    (`efficientnet-lite-pytorch`, if installed) and prints the top-5 ImageNet classes of the
    photos scikit-learn and matplotlib ship;
-2. penultimate features (eval mode) of train and val; the probe is fitted by
-   `fit_probe_sklearn` (scikit-learn, every C of the grid: the reference) and by
-   `fit_probe_torch`, and the two C are printed;
-3. LP-FT from the sklearn probe's head (`raw_scale_head`), every parameter training, through
-   `train_classifier` (SGD momentum 0.9, per-step cosine) with `freeze_bn` — the BN layers in
-   eval mode — for each seed (the batch order) and each `--clip` (0: none). The library has
-   no clipping: a global optimizer step pre-hook records the gradient norm of each step and,
-   with a clip, applies `torch.nn.utils.clip_grad_norm_` before the SGD step.
+2. penultimate features (eval mode) of the probe's train (`--probe-train-per-class`) and val
+   (`--probe-val-per-class`); the probe is fitted by `fit_probe_sklearn` (scikit-learn,
+   every C of the grid logspace(-7, 2, `--c-grid-points`): the reference) and by
+   `fit_probe_torch`, and the two C are printed. Features are cheap (no backward), so the
+   probe gets more images than fine-tuning: with 20 train and 10–30 val images per class,
+   val accuracy ties over many C (one image is 0.3–1 point) and the choice is noise;
+3. LP-FT from the sklearn probe's head (`raw_scale_head`) on the first `--train-per-class`
+   train images of each class, every parameter training, through `train_classifier` (SGD
+   momentum 0.9, per-step cosine) with `freeze_bn` — the BN layers in eval mode — or
+   `--bn train`, for each seed (the batch order) and each `--clip` (0: none), evaluated each
+   epoch on the first `--eval-per-class` val images of each class and on OOD. The library
+   has no clipping: a global optimizer step pre-hook records the gradient norm of each step
+   and, with a clip, applies `torch.nn.utils.clip_grad_norm_` before the SGD step.
+
+BLAS runs on one thread (set before NumPy loads): scikit-learn's lbfgs was 100× slower with
+threads on a busy 2-core machine.
 
 A run is "collapsed" when its final training loss is over `--collapse-factor` × its first
 epoch's, or is not finite, or its final ID val accuracy is under 0.2 (chance: 0.1).
@@ -135,8 +143,14 @@ def features(model: ImageClassifier, data: ArrayImageDataset) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--train-per-class", type=int, default=20)
-    parser.add_argument("--eval-per-class", type=int, default=10)
+    parser.add_argument("--probe-train-per-class", type=int, default=80)
+    parser.add_argument("--probe-val-per-class", type=int, default=50)
+    parser.add_argument(
+        "--train-per-class", type=int, default=20, help="LP-FT: the first N of the probe's"
+    )
+    parser.add_argument(
+        "--eval-per-class", type=int, default=10, help="LP-FT's val (first N) and OOD"
+    )
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -145,7 +159,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--bn", choices=["frozen", "train"], nargs="+", default=["frozen"])
     parser.add_argument("--collapse-factor", type=float, default=3.0)
-    parser.add_argument("--c-grid-points", type=int, default=50)
+    parser.add_argument("--c-grid-points", type=int, default=10)
     parser.add_argument("--check-weights", action="store_true")
     parser.add_argument("--steps", action="store_true", help="print per-step grad norms")
     parser.add_argument("--threads", type=int, default=1)
@@ -157,13 +171,20 @@ def main() -> None:
     started = time.perf_counter()
     splits = realdata.make_splits(
         size=args.size,
-        train_per_class=args.train_per_class,
-        val_per_class=args.eval_per_class,
+        train_per_class=args.probe_train_per_class,
+        val_per_class=args.probe_val_per_class,
         test_per_class=args.eval_per_class,
         ood_per_class=args.eval_per_class,
         seed=args.data_seed,
     )
     sets = {name: ArrayImageDataset(s.images, s.labels) for name, s in splits.items()}
+    ft_train = realdata.per_class(splits["train"], args.train_per_class)
+    ft_val = realdata.per_class(splits["val"], args.eval_per_class)
+    ft_sets = {
+        "train": ArrayImageDataset(ft_train.images, ft_train.labels),
+        "val": ArrayImageDataset(ft_val.images, ft_val.labels),
+        "ood": sets["ood"],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         weights = realdata.write_timm_weights(Path(tmp) / "lite0.safetensors")
         backbone = create_timm_backbone(name=realdata.ARCHITECTURE, weights_file=weights)
@@ -249,8 +270,8 @@ def main() -> None:
                     started = time.perf_counter()
                     result = train_classifier(
                         model=model,
-                        train_set=sets["train"],
-                        eval_sets={"val": sets["val"], "ood": sets["ood"]},
+                        train_set=ft_sets["train"],
+                        eval_sets={"val": ft_sets["val"], "ood": ft_sets["ood"]},
                         settings=settings,
                         select_on="val",
                         progress=False,

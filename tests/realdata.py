@@ -203,6 +203,14 @@ def make_splits(
     return splits
 
 
+def per_class(split: Split, count: int) -> Split:
+    """The first `count` images of each class (a class-balanced subset of a split)."""
+    keep = np.sort(
+        np.concatenate([np.flatnonzero(split.labels == k)[:count] for k in range(len(CLASSES))])
+    )
+    return Split(images=split.images[keep], labels=split.labels[keep])
+
+
 def write_imagefolder(root: str | Path, splits: dict[str, Split]) -> Path:
     """Each split as `<root>/<split>/<class>/<index>.png`, the `imagefolder` layout."""
     from PIL import Image
