@@ -182,7 +182,7 @@ def test_a_finetuning_run_records_its_preprocessing_and_drop_rate(tmp_path):
         batch_size=8,
         momentum=0.9,
         weight_decay=0.0,
-        freeze_bn=False,
+        bn="train",
         augment=False,
         progress=False,
         preprocess_overrides={"input_size": 24},
