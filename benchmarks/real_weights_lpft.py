@@ -17,10 +17,11 @@ Steps, each through the library where it has one:
    val accuracy ties over many C (one image is 0.3–1 point) and the choice is noise;
 3. LP-FT from the sklearn probe's head (`raw_scale_head`) on the first `--train-per-class`
    train images of each class, every parameter training, through `train_classifier` (SGD
-   momentum 0.9, per-step cosine) with `freeze_bn` — the BN layers in eval mode — or
+   momentum 0.9, per-step cosine) with `bn` frozen — the BN layers in eval mode — or
    `--bn train`, for each seed (the batch order) and each `--clip` (0: none), evaluated each
-   epoch on the first `--eval-per-class` val images of each class and on OOD. The library
-   has no clipping: a global optimizer step pre-hook records the gradient norm of each step
+   epoch on the first `--eval-per-class` val images of each class and on OOD. Clipping here is
+   not the library's (`TrainSettings.clip_grad_norm`) but a global optimizer step pre-hook
+   that records the gradient norm of each step
    and, with a clip, applies `torch.nn.utils.clip_grad_norm_` before the SGD step.
 
 BLAS runs on one thread (set before NumPy loads): scikit-learn's lbfgs was 100× slower with
@@ -315,7 +316,7 @@ def main() -> None:
                         epochs=args.epochs,
                         lr=lr,
                         batch_size=args.batch_size,
-                        freeze_bn=bn == "frozen",
+                        bn=bn,
                         seed=seed,
                         eval_batch_size=256,
                     )

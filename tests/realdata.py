@@ -118,7 +118,7 @@ CI_CASE = {
     "epochs": 3,
     "lr": 0.003,
     "momentum": 0.9,
-    "freeze_bn": True,
+    "bn": "frozen",
     "clip": 5.0,
     "seeds": [0, 1, 2],
 }
