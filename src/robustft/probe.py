@@ -189,8 +189,7 @@ def _start_point(
     """A warm start for grid index `i` from the solutions fitted so far.
 
     The regularisation path is smooth in log C: between two fitted values it is interpolated,
-    beyond the largest it is extrapolated from the last two, linearly in log C
-    (`fit_probe_torch` starts there from `_shrinkage_start` instead).
+    beyond the largest it is extrapolated from the last two, linearly in log C.
     """
     below = sorted(j for j in solutions if j < i)
     above = sorted(j for j in solutions if j > i)
@@ -209,29 +208,6 @@ def _start_point(
         weight_a + share * (weight_b - weight_a),
         bias_a + share * (bias_b - bias_a),
     )
-
-
-def _shrinkage_start(
-    solution: tuple[Any, Any],
-    *,
-    basis: Any,
-    variance: Any,
-    curvature_from: float,
-    curvature_to: float,
-    lam_from: float,
-    lam_to: float,
-) -> tuple[Any, Any]:
-    """A warm start at penalty `lam_to` from the fit (weight, bias) at `lam_from`.
-
-    In a quadratic model of the loss with Hessian c·Σ (Σ's eigenvectors `basis`, eigenvalues
-    `variance`), the optimum's coordinate along eigenvector j is c·sⱼ/(c·sⱼ + λ) times the
-    unpenalised one's: from λ to λ' it is multiplied by (c·sⱼ + λ)/(c'·sⱼ + λ'). That is
-    exact at small C (W ∝ C) and levels off at large C, where extrapolating the path
-    linearly in log C overshoots. The intercepts are kept.
-    """
-    weight, bias = solution
-    factor = (curvature_from * variance + lam_from) / (curvature_to * variance + lam_to)
-    return ((weight @ basis) * factor) @ basis.T, bias
 
 
 class _RowBlocks:
@@ -453,9 +429,8 @@ def fit_probe_torch(
     grid (`coarse_to_fine`), all of it, `together` values at a time in ascending order (val
     accuracy is not assumed unimodal in C); then bisection of every gap between fitted
     neighbours that could hold a better C (`refinement`), down to one grid step. Each fit
-    starts from the path interpolated through the fits so far (`_start_point`), or beyond
-    the largest fitted C from its ridge shrinkage (`_shrinkage_start`). The sweep lists the
-    fitted C only.
+    starts from the path interpolated or extrapolated through the fits so far
+    (`_start_point`). The sweep lists the fitted C only.
 
     On these fits' val accuracies, the choice is the full sweep's whenever its C stands at most
     `refine_reach` (val accuracy, a fraction) above the better of the two fits around it at
@@ -511,10 +486,7 @@ def fit_probe_torch(
         starts, curvatures = [], []
         for i in indices:
             # A fit to polish starts from itself; a new one from the path.
-            if i not in solutions and solutions and i > max(solutions):
-                starts.append(shrinkage_start(i))
-            else:
-                starts.append(solutions.get(i) or _start_point(i, solutions, log_c) or origin)
+            starts.append(solutions.get(i) or _start_point(i, solutions, log_c) or origin)
             nearest = min(curvature, key=lambda j: abs(j - i), default=None)
             # At C → 0 every class has probability ≈ 1/K: curvature (1 − 1/K)/K.
             guess = curvature[nearest] if nearest is not None else (1 - 1 / classes) / classes
@@ -557,28 +529,6 @@ def fit_probe_torch(
                     tol,
                 )
         bar.update(len(indices))
-
-    def shrinkage_start(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Beyond the largest fit: ridge shrinkage (`_shrinkage_start`) from it, with the
-        # softmax's curvature extrapolated log-linearly in C from the last two fits (it
-        # falls as predictions grow confident; never taken to rise).
-        below = sorted(solutions)
-        last = below[-1]
-        curvature_to = curvature[last]
-        if len(below) >= 2:
-            a = below[-2]
-            share = float((log_c[i] - log_c[last]) / (log_c[last] - log_c[a]))
-            ratio = min(curvature[last] / max(curvature[a], 1e-9), 1.0)
-            curvature_to = curvature[last] * ratio**share
-        return _shrinkage_start(
-            solutions[last],
-            basis=problem.basis,
-            variance=problem.variance,
-            curvature_from=curvature[last],
-            curvature_to=curvature_to,
-            lam_from=penalty / (grid[last] * n),
-            lam_to=penalty / (grid[i] * n),
-        )
 
     def best_index(among: set[int] | None = None) -> int:
         # Highest val accuracy; ties to the smallest C, as in the sklearn sweep.
