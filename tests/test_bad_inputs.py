@@ -50,6 +50,19 @@ CONFIG_CASES = {
         ["--config", "probe={'c_grid': {'log10_min': 3, 'log10_max': 1}}"],
         "probe.c_grid",
     ),
+    "C grid too large": (
+        ["--config", "probe={'c_grid': {'num': 10000000000}}"],
+        "probe.c_grid.num",
+    ),
+    "renamed freeze_bn": (
+        ["--config", "finetune={'lpft': {'freeze_bn': true}}"],
+        "'finetune.lpft.freeze_bn' was replaced by 'finetune.lpft.bn'",
+    ),
+    "unknown BatchNorm mode": (["--config", "finetune={'ft': {'bn': 'eval'}}"], "finetune.ft.bn"),
+    "negative clipping": (
+        ["--config", "finetune={'lpft': {'clip_grad_norm': -5}}"],
+        "finetune.lpft.clip_grad_norm",
+    ),
     "memory below minimum": (
         ["--config", "resources={'finetune': {'mem_mb': -1}}"],
         "resources.finetune.mem_mb",

@@ -692,3 +692,22 @@ def test_fetch_options_ignore_the_job_time_keys():
     assert options.weights == "/w.pth" and options.key_map[0] == tuple(KEY_MAP[0])
     with pytest.raises(ValueError, match="unknown backbone option"):
         BackboneOptions.from_mapping({"weigths": "/w.pth"})
+
+
+def test_weights_files_follow_the_umask_like_every_other_output(tmp_path):
+    """safetensors recreates the temporary file 0600; collaborators on a shared cluster
+    filesystem must be able to read the weights (umask 022 → 0644)."""
+    import os
+    import stat
+
+    from robustft.io import write_json
+    from robustft.models import save_model
+
+    previous = os.umask(0o022)
+    try:
+        save_model(torch.nn.Linear(2, 2), tmp_path / "model.safetensors")
+        write_json(tmp_path / "metrics.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"model.safetensors": 0o644, "metrics.json": 0o644}
