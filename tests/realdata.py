@@ -24,7 +24,6 @@ repeated over RGB. Splits are class-balanced and drawn by `seed`.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -57,25 +56,13 @@ def weights_file() -> Path:
     return Path(str(path))
 
 
-def rename_keys(state: dict, key_map: list[tuple[str, str]] = KEY_MAP) -> dict:
-    """`state` with every key renamed by `key_map`; two keys that end up equal are an error."""
-    renamed = {}
-    for key, value in state.items():
-        new = key
-        for pattern, replacement in key_map:
-            new = re.sub(pattern, replacement, new)
-        if new in renamed:
-            raise ValueError(f"key_map maps two keys onto {new!r}")
-        renamed[new] = value
-    return renamed
-
-
 def timm_state_dict() -> dict:
-    """The shipped weights under timm's `tf_efficientnet_lite0` key names (1000-class head)."""
-    import torch
+    """The shipped weights under timm's `tf_efficientnet_lite0` key names (1000-class head),
+    renamed by the library's own key-map code, as `fetch_backbone` does."""
+    from robustft.models.keymap import read_state_dict, rename_keys
 
-    state = torch.load(weights_file(), map_location="cpu", weights_only=True)
-    return rename_keys(state)
+    path = weights_file()
+    return rename_keys(read_state_dict(path), key_map=KEY_MAP, source=path)
 
 
 def write_timm_weights(path: str | Path) -> Path:

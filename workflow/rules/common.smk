@@ -165,11 +165,6 @@ def get_backbone_files(wildcards):
     return {"meta": f"{folder}/meta.json"}
 
 
-def get_backbone_options(backbone):
-    """The `backbone_options` entry of a backbone (fetch_backbone's params)."""
-    return dict(config["backbone_options"].get(backbone) or {})
-
-
 # backbone_options keys that shape the fetch (fetch_backbone's params); the others
 # (preprocess, drop_rate, drop_path_rate) are applied by the jobs that load the backbone.
 FETCH_OPTIONS = ("weights", "url", "sha256", "embedding")
