@@ -23,6 +23,8 @@ from robustft.config import (
     validate_config,
 )
 from robustft.data.registry import ID_SPLITS, dataset_options, dataset_sources
+from robustft.data.fingerprint import cache_name as fingerprint_cache_name
+from robustft.data.fingerprint import tree_fingerprint
 from robustft.data.sources import SOURCES, source_root
 from robustft.zeroshot import CLIP_TEXT_TOWERS
 
@@ -61,6 +63,9 @@ FINETUNE_METHODS = [
 ]
 WISEFT_METHODS = [m for m in config["wiseft"]["methods"] if m in FINETUNE_METHODS]
 LOGS = "results/logs"
+# One manifest per dataset (rule fingerprint_dataset); listings cached between runs.
+DATA_MANIFESTS = "results/data"
+FINGERPRINT_CACHE = f"{DATA_MANIFESTS}/.cache"
 MODELS = "resources/models"
 # Downloaded weights, in the Hugging Face cache layout (HF_HUB_CACHE=resources/models/hub).
 HF_CACHE = f"{MODELS}/hub"
@@ -100,14 +105,62 @@ def get_source_input(source):
     return f"resources/datasets/{source}"
 
 
-def get_dataset_files(wildcards):
-    """The prepared files or folders a dataset's reader loads."""
+def get_data_sources(wildcards):
+    """The prepared files or folders a dataset's reader loads (downloads, layout checks)."""
     if wildcards.dataset == "toyshift":
         return {"task": "resources/datasets/toyshift/task.h5"}
     return {
         f"source_{source}": get_source_input(source)
         for source in get_sources(wildcards.dataset)
     }
+
+
+def get_dataset_files(wildcards):
+    """What every rule that reads a dataset's images depends on: its sources, and its data
+    manifest (rule fingerprint_dataset), which changes exactly when the data does."""
+    return {
+        **get_data_sources(wildcards),
+        "data_manifest": f"{DATA_MANIFESTS}/{wildcards.dataset}.json",
+    }
+
+
+def get_data_trees(dataset):
+    """{name: (folder or file, whether the user owns it)} of the files a dataset is made of:
+    the toyshift task file, the sources, or an imagefolder root. User-owned ones (`paths:`
+    copies, imagefolder roots) are fingerprinted when the DAG is built; the workflow's own
+    (downloads, the toyshift task) when they are made."""
+    options = DATASET_OPTIONS[dataset]
+    if dataset == "toyshift":
+        return {"task": ("resources/datasets/toyshift/task.h5", False)}
+    if options["type"] == "imagefolder":
+        return {"root": (options["root"], True)}
+    return {
+        source: (
+            source_root(source, paths=config["paths"]),
+            bool(config["paths"].get(source)),
+        )
+        for source in get_sources(dataset)
+    }
+
+
+_USER_FINGERPRINTS = {}
+
+
+def get_user_data_fingerprints(wildcards):
+    """{name: fingerprint} of the user-owned trees of a dataset (rule fingerprint_dataset's
+    params): a changed image or list file changes them, so `--rerun-triggers params` reruns
+    the manifest and everything made from the data; a touched file does not."""
+    dataset = wildcards.dataset
+    if dataset not in _USER_FINGERPRINTS:
+        _USER_FINGERPRINTS[dataset] = {
+            name: tree_fingerprint(
+                root=root,
+                cache_file=f"{FINGERPRINT_CACHE}/{fingerprint_cache_name(name, root)}",
+            ).fingerprint
+            for name, (root, user_owned) in get_data_trees(dataset).items()
+            if user_owned
+        }
+    return _USER_FINGERPRINTS[dataset]
 
 
 def get_data_root(wildcards):

@@ -6,6 +6,7 @@
 localrules:
     download_dataset,
     check_dataset,
+    fingerprint_dataset,
 
 
 rule generate_toyshift:
@@ -49,3 +50,26 @@ rule check_dataset:
         root=lambda wildcards: config["paths"][wildcards.source],
     script:
         "../scripts/check_dataset.py"
+
+
+# The data manifest every rule that reads a dataset's images depends on. User-owned data is
+# fingerprinted when the DAG is built (params), so the manifest, and all that is made from the
+# data, reruns exactly when a file is added, removed, renamed or edited; touching one does
+# nothing. Downloads and the toyshift task are fingerprinted here, after they are made.
+rule fingerprint_dataset:
+    input:
+        unpack(get_data_sources),
+    output:
+        f"{DATA_MANIFESTS}/{{dataset}}.json",
+    log:
+        f"{LOGS}/fingerprint_dataset/{{dataset}}.log",
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        fingerprints=get_user_data_fingerprints,
+        trees=lambda wildcards: {
+            name: root for name, (root, _) in get_data_trees(wildcards.dataset).items()
+        },
+        cache_dir=FINGERPRINT_CACHE,
+    script:
+        "../scripts/fingerprint_dataset.py"
