@@ -13,8 +13,11 @@ import pytest
 from PIL import Image
 
 from robustft.data import readers
-from robustft.data.registry import dataset_options, load_split
+from robustft.data.datasets import as_torch_dataset
+from robustft.data.registry import ImageFiles, dataset_options, load_split
+from robustft.models import Preprocess
 
+PRE = Preprocess(input_size=16, mean=(0.5,) * 3, std=(0.25,) * 3)
 CLASSES = ("ant", "cow")
 
 
@@ -40,6 +43,12 @@ def options(root, **settings):
 
 def load(root, split, **settings):
     return load_split(dataset="mine", split=split, root={}, options=options(root, **settings))
+
+
+def decode(path):
+    """What a job does with a listed image: the split as a torch Dataset, one item read."""
+    files = ImageFiles(paths=(str(path),), labels=np.zeros(1, np.int64), class_names=("a",))
+    return as_torch_dataset(files, preprocess=PRE, transform="resize")[0]
 
 
 def write_list(path, text, encoding="utf-8"):
@@ -130,6 +139,34 @@ def split_missing(root, _):
     return lambda: load(root, "night", splits={"train": "train", "test": "test", "night": "n"})
 
 
+def decompression_bomb(root, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    save_png(root / "big.png", size=(20, 20))  # 400 pixels: over twice the limit
+    return lambda: decode(root / "big.png")
+
+
+def above_bomb_warning_limit(root, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    save_png(root / "big.png", size=(15, 10))  # 150 pixels: PIL only warns
+    return lambda: decode(root / "big.png")
+
+
+def truncated_image(root, _):
+    save_png(root / "cut.png", size=(64, 64))
+    data = (root / "cut.png").read_bytes()
+    (root / "cut.png").write_bytes(data[: len(data) // 2])
+    return lambda: decode(root / "cut.png")
+
+
+def text_named_jpg(root, _):
+    (root / "notes.jpg").write_text("not an image\n")
+    return lambda: decode(root / "notes.jpg")
+
+
+def listed_image_missing(root, _):
+    return lambda: decode(root / "test" / "ant" / "9.png")
+
+
 # name: (build, what the one line must name (besides the file))
 CASES = {
     "list: same path twice": (duplicate_line, ["t.csv:3", "test/ant/0.png", "1 duplicate"]),
@@ -149,6 +186,11 @@ CASES = {
     "unknown duplicates mode": (unknown_duplicates_mode, ["dataset_settings.mine.duplicates"]),
     "only hidden and empty folders": (only_hidden_and_empty_folders, ["no class folders"]),
     "split missing": (split_missing, ["'night'", "dataset_settings.mine.splits.night"]),
+    "decompression bomb": (decompression_bomb, ["big.png", "too large"]),
+    "above the bomb warning limit": (above_bomb_warning_limit, ["big.png", "too large"]),
+    "truncated image": (truncated_image, ["cut.png", "truncated"]),
+    "text file named .jpg": (text_named_jpg, ["notes.jpg", "not a readable image"]),
+    "listed image missing": (listed_image_missing, ["9.png", "missing"]),
 }
 
 
@@ -221,3 +263,31 @@ def test_duplicates_warn_keeps_them_with_one_line_each(tmp_path, caplog):
     assert len(lines) == 2, lines
     assert any(f"{root / 't.csv'}:3" in line and "1 duplicate" in line for line in lines)
     assert any(f"{root / 't.csv'}:2" in line and "split 'train'" in line for line in lines)
+
+
+def save_high_depth(path, values, mode):
+    image = Image.fromarray(values)
+    if mode == "I;16B":
+        image = Image.frombytes("I;16B", values.shape[::-1], values.astype(">u2").tobytes())
+    assert image.mode == mode
+    image.save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("mode", "suffix", "dtype", "top"),
+    [
+        ("I;16", ".png", np.uint16, 4095),  # 12-bit data in a 16-bit PNG
+        ("I;16B", ".tif", np.uint16, 4095),
+        ("I", ".tif", np.int32, 100_000),
+        ("F", ".tif", np.float32, 0.5),  # a 32-bit float TIFF in [0, 0.5]
+    ],
+)
+def test_high_bit_depth_images_are_rescaled_by_their_range(tmp_path, mode, suffix, dtype, top):
+    values = (np.arange(16 * 16).reshape(16, 16) / (16 * 16 - 1) * top).astype(dtype)
+    path = save_high_depth(tmp_path / f"deep{suffix}", values, mode)
+    image, _ = decode(path)  # uint8 (3, 16, 16), at its own size: not resampled
+    assert image.min() <= 5 and image.max() >= 250
+    assert (image == 255).float().mean() < 0.1  # not clipped to white
+    flat = save_high_depth(tmp_path / f"flat{suffix}", np.full((8, 8), top, dtype=dtype), mode)
+    assert int(decode(flat)[0].max()) == 0  # a constant image has no range: zeros
