@@ -101,8 +101,8 @@ def _labels(listing: _Listing, names: tuple[str, ...], *, dataset: str) -> np.nd
         else:
             shown = ", ".join(names[:8]) + (", …" if len(names) > 8 else "")
             raise ValueError(
-                f"{listing.at(number)}: label {label!r} is neither a class of {dataset} nor a "
-                f"class id 0..{len(names) - 1} ({len(names)} classes: {shown})"
+                f"{listing.at(number)}: label {label!r} is neither a class of dataset "
+                f"{dataset!r} nor a class id 0..{len(names) - 1} ({len(names)} classes: {shown})"
             )
     return np.asarray(labels, dtype=np.int64)
 
