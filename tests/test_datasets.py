@@ -224,7 +224,9 @@ def test_imagefolder_class_folders_and_csv_lists(tmp_path):
         for label, name in enumerate(("cow", "ant")):
             for k in range(count):
                 fake_data.save_image(root / split / name / f"{k}.png", value=label * 50)
-    (root / "fog.csv").write_text("path,label\nnight/ant/0.png,ant\nnight/cow/1.png,cow\n")
+    for k in range(2):
+        fake_data.save_image(root / "fog" / f"{k}.png", value=k)
+    (root / "fog.csv").write_text("path,label\nfog/0.png,ant\nfog/1.png,cow\n")
     config = {
         "dataset_settings": {
             "mine": {
@@ -356,8 +358,11 @@ def test_finetuning_runs_on_image_files_with_class_subsets(paths, tmp_path):
 
 
 def test_objectnet_maps_its_classes_onto_imagenet_groups(tmp_path):
+    imagenet = fake_data.write_imagenet_1000(tmp_path / "imagenet")
+    for folder in (imagenet / "train").iterdir():
+        (folder / "0.jpg").touch()  # a folder without image files is not a class
     roots = {
-        "imagenet": str(fake_data.write_imagenet_1000(tmp_path / "imagenet")),
+        "imagenet": str(imagenet),
         "objectnet": str(fake_data.write_objectnet(tmp_path / "objectnet")),
     }
     assert "objectnet" not in dataset_options({}, "imagenet")["ood_splits"]

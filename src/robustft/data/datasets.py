@@ -2,17 +2,29 @@
 
 Images stay uint8 until a whole batch is on the training device; cropping, flipping and the
 conversion to float happen there, once per batch (cheap on a CPU, free on a GPU).
+
+Image files are decoded to 8-bit RGB by `decode_image`. 16-bit and 32-bit integer images
+(PIL modes I;16, I;16B, I;16L, I: 16-bit PNG/TIFF) and float images (mode F: 32-bit float TIFF)
+are rescaled by each image's own range, (x - min) / (max - min) · 255 (a constant image → 0),
+before the conversion to RGB: PIL's own conversion clips them at 255, which turns a 12-bit
+microscopy or X-ray image almost all white. An image above PIL's decompression-bomb limit
+(`PIL.Image.MAX_IMAGE_PIXELS`, 89.5 Mpixels by default; PIL only warns up to twice that) is an
+error, as are truncated and undecodable files: one line naming the file.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
 
 BatchTransform = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
 
@@ -110,20 +122,59 @@ class FileImageDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from PIL import Image
-
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-                if self.border:
-                    width, height = image.size
-                    image = image.crop(
-                        (self.border, self.border, width - self.border, height - self.border)
-                    )
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{path}: not a readable image ({error})") from None
+        image = decode_image(self.paths[index])
+        if self.border:
+            width, height = image.size
+            image = image.crop(
+                (self.border, self.border, width - self.border, height - self.border)
+            )
         return self.transform(image), self.labels[index]
+
+
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _rescale_to_8bit(image: PILImage.Image) -> PILImage.Image:
+    """A 16/32-bit integer or float single-channel image → 8-bit grayscale, by its own range."""
+    from PIL import Image
+
+    values = np.asarray(image, dtype=np.float64)
+    finite = np.isfinite(values)
+    out = np.zeros(values.shape, dtype=np.uint8)
+    if finite.any():
+        low, high = values[finite].min(), values[finite].max()
+        if high > low:
+            values = np.clip(np.nan_to_num(values, nan=low, posinf=high, neginf=low), low, high)
+            out = np.rint((values - low) / (high - low) * 255.0).astype(np.uint8)
+    return Image.fromarray(out, mode="L")
+
+
+def decode_image(path: str) -> PILImage.Image:
+    """An image file → 8-bit RGB PIL image (see the module docstring); any failure is one line
+    naming the file."""
+    from PIL import Image
+
+    try:
+        # The bomb warning is an error here, for this call only: PIL's process-wide
+        # MAX_IMAGE_PIXELS stays as it is.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.mode in HIGH_DEPTH_MODES:
+                    return _rescale_to_8bit(image).convert("RGB")
+                return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(
+            f"{path}: too large to be a dataset image ({error}); downscale or remove it"
+        ) from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image file missing") from None
+    except Exception as error:  # any decoder failure (truncated, not an image) is this file's
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"{path}: not a readable image ({detail}); is it truncated or not an image? "
+            "Re-copy or remove it"
+        ) from None
 
 
 def image_transform(

@@ -10,12 +10,18 @@ lists of file paths decoded later, in DataLoader workers.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
+import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 CIFAR10_CLASSES = (
     "airplane",
@@ -125,17 +131,62 @@ def read_npy_pair(data_file: str | Path, labels_file: str | Path) -> tuple[np.nd
 
 
 # --- image folders and list files ------------------------------------------------------
+#
+# A class folder is a visible folder holding at least one image file. Hidden folders (`.x`,
+# e.g. `.ipynb_checkpoints`), macOS's `__MACOSX` and empty folders are not classes: they are
+# ignored with one warning line, so that a stray folder neither adds a class nor shifts the
+# label ids of the classes after it. Hidden files (`.DS_Store`, AppleDouble `._x.jpg`) are not
+# images.
+
+NOT_CLASS_FOLDERS = ("__MACOSX",)
+LIST_ENCODING = "utf-8-sig"  # a BOM (Excel's "CSV UTF-8") is dropped
+_warned: set[str] = set()
+
+
+def warn_once(message: str, *, logger: logging.Logger = log) -> None:
+    """One warning line per distinct message and process: a split read twice in one job
+    (class names, then images) warns once."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
 
 
 def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _is_hidden_folder(name: str) -> bool:
+    return name.startswith(".") or name in NOT_CLASS_FOLDERS
+
+
+def _has_image(folder: Path) -> bool:
+    # Stops at the first image: cheap even for ImageNet's 1300-image folders.
+    with os.scandir(folder) as entries:
+        return any(entry.is_file() and is_image(Path(entry.path)) for entry in entries)
+
+
+def _short(names: Sequence[str], *, limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _class_folders(root: Path) -> list[str]:
+    """Sorted class folders of `root`; the others are ignored with one warning line."""
+    folders = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    hidden = [name for name in folders if _is_hidden_folder(name)]
+    empty = [name for name in folders if name not in hidden and not _has_image(root / name)]
+    if hidden or empty:
+        parts = [f"hidden: {_short(hidden)}"] if hidden else []
+        parts += [f"without image files: {_short(empty)}"] if empty else []
+        warn_once(f"{root}: ignoring folders that are not classes ({'; '.join(parts)})")
+    return [name for name in folders if name not in hidden and name not in empty]
 
 
 def list_class_folders(root: str | Path) -> list[str]:
     root = _require(Path(root), what="folder")
-    names = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    names = _class_folders(root)
     if not names:
-        raise FileNotFoundError(f"{root}: no class folders")
+        raise FileNotFoundError(f"{root}: no class folders (folders of image files)")
     return names
 
 
@@ -146,10 +197,14 @@ def read_class_folders(
     when `strict`, else skipped (ImageNet-R/A hold only 200 of the 1000 classes)."""
     root = _require(Path(root), what="folder")
     paths, labels = [], []
-    for name in sorted(entry.name for entry in root.iterdir() if entry.is_dir()):
+    for name in _class_folders(root):
         if name not in class_to_label:
             if strict:
-                raise ValueError(f"{root / name}: class folder not in the label space")
+                known = _short(sorted(class_to_label))
+                raise ValueError(
+                    f"{root / name}: class folder not in the label space "
+                    f"({len(class_to_label)} classes: {known})"
+                )
             continue
         files = sorted(str(p) for p in (root / name).iterdir() if p.is_file() and is_image(p))
         paths += files
@@ -187,27 +242,85 @@ def read_sentry_list(list_file: str | Path, *, image_root: str | Path) -> tuple[
     return ImageList(paths=tuple(paths), labels=np.asarray(labels, dtype=np.int64)), names
 
 
+@dataclass(frozen=True)
+class LabelList:
+    """The entries of a `path,label` list file, labels as written (the caller maps them)."""
+
+    paths: tuple[str, ...]  # image_root / listed path
+    listed: tuple[str, ...]  # the paths as written
+    labels: tuple[str, ...]
+    lines: tuple[int, ...]  # line number of each entry, for messages
+    header: tuple[str, ...] | None = None
+
+
+def _read_list_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode(LIST_ENCODING)
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 (byte 0x{data[error.start]:02x}); save the list as UTF-8 "
+            "(Excel: 'CSV UTF-8')"
+        ) from None
+
+
+def is_label_id(label: str) -> bool:
+    return label.isascii() and label.isdigit()
+
+
 def read_path_label_csv(
     list_file: str | Path, *, image_root: str | Path, classes: Sequence[str] | None
-) -> tuple[list[str], list[str]]:
-    """`path,label` lines (a header line `path,label` is allowed); paths relative to
-    `image_root`. Returns raw (path, label) strings; the caller maps labels."""
+) -> LabelList:
+    """`path,label` lines, paths relative to `image_root`; blank lines are skipped.
+
+    The first row is a header (e.g. `filepath,class`) when its label is neither a class
+    (`classes`; None: a label of another row) nor an integer id and its path is not an image
+    file name; a header-like row anywhere else is an error.
+    """
     path = _require(Path(list_file))
     image_root = Path(image_root)
-    paths, labels = [], []
-    with open(path, newline="", encoding="utf-8") as handle:
-        for number, row in enumerate(csv.reader(handle), start=1):
-            if not row or not "".join(row).strip():
-                continue
-            if number == 1 and [cell.strip().lower() for cell in row] == ["path", "label"]:
-                continue
-            if len(row) != 2:
-                raise ValueError(f"{path}:{number}: expected 'path,label'")
-            paths.append(str(image_root / row[0].strip()))
-            labels.append(row[1].strip())
-    if not paths:
+    text = _read_list_text(path)
+    try:
+        rows = [
+            (number, [cell.strip() for cell in row])
+            for number, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1)
+            if "".join(row).strip()
+        ]
+    except csv.Error as error:
+        raise ValueError(f"{path}: not a CSV list of 'path,label' lines ({error})") from None
+    for number, row in rows:
+        if len(row) != 2:
+            raise ValueError(
+                f"{path}:{number}: {len(row)} cells, expected 2: path,label separated by a "
+                "comma (quote a path that holds a comma)"
+            )
+    # Distinct rows per label: a header repeated further down does not make its label a class.
+    counts = Counter(label for _, label in {(row[0].lower(), row[1]) for _, row in rows})
+
+    def header_like(row: list[str]) -> bool:
+        listed, label = row
+        known = label in classes if classes is not None else counts[label] > 1
+        return not known and not is_label_id(label) and not is_image(Path(listed))
+
+    header = None
+    if rows and header_like(rows[0][1]):
+        header = tuple(rows.pop(0)[1])
+    for number, row in rows:
+        if header_like(row) or (header and [c.lower() for c in row] == [h.lower() for h in header]):
+            raise ValueError(
+                f"{path}:{number}: {','.join(row)!r} looks like a header line; only the first "
+                "line may be one"
+            )
+    if not rows:
         raise ValueError(f"{path}: no images listed")
-    return paths, labels
+    return LabelList(
+        paths=tuple(str(image_root / row[0]) for _, row in rows),
+        listed=tuple(row[0] for _, row in rows),
+        labels=tuple(row[1] for _, row in rows),
+        lines=tuple(number for number, _ in rows),
+        header=header,
+    )
 
 
 # --- ObjectNet --------------------------------------------------------------------------

@@ -184,6 +184,7 @@ def dataset_options(config: Mapping[str, Any], dataset: str) -> dict[str, Any]:
             ood_splits=ood,
             train_transform=own.get("train_transform") or "resize",
             eval_transform=own.get("eval_transform") or "resize",
+            duplicates=own.get("duplicates") or "error",
         )
         return options
     if dataset == "toyshift":
