@@ -235,6 +235,27 @@ def dataset_sources(dataset: str, *, ood_splits: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def source_splits(dataset: str, split: str) -> list[tuple[str, str]]:
+    """The (source, split of `Source.sizes`) pairs one split of a built-in setting reads: their
+    counts say whether it comes from a complete copy (none for other datasets)."""
+    if dataset not in SETTINGS:
+        return []
+    setting = SETTINGS[dataset]
+    id_part = "train" if split in ("train", "val") else "test"
+    if dataset in ("living17", "entity30"):
+        return [("imagenet", "train" if id_part == "train" else "val"), ("breeds", dataset)]
+    if dataset == "domainnet":
+        domain = DOMAINNET_ID_DOMAIN if split in ID_SPLITS else split
+        return [("domainnet", f"{domain}_{id_part}")]
+    if dataset == "fmow":
+        return [("fmow", {"train": "train", "val": "id_val"}.get(split, "val"))]
+    if split in ID_SPLITS:
+        if dataset == "imagenet":
+            return [("imagenet", "train" if id_part == "train" else "val")]
+        return [(setting.id_source, id_part)]
+    return [(setting.ood_sources[split], "test")]
+
+
 def dataset_files(dataset: str, *, root: str | Path) -> dict[str, Path]:
     """The files the toyshift reader needs, relative to its resource folder."""
     root = Path(root)
