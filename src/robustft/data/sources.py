@@ -685,7 +685,13 @@ def _count_fmow(size: Size, *, root: Path, memo: dict) -> dict[str, object]:
         rows: dict[str, list[tuple[int, str]]] = {}
         with open(root / "rgb_metadata.csv", newline="", encoding="utf-8") as handle:
             for number, row in enumerate(csv.DictReader(handle)):
-                split = _wilds_fmow_split(row["split"], row["timestamp"])
+                try:
+                    split = _wilds_fmow_split(row["split"], row["timestamp"])
+                except (KeyError, TypeError, ValueError) as error:
+                    raise ValueError(
+                        f"{root / 'rgb_metadata.csv'}: row {number}: no split or ISO timestamp "
+                        f"({error}); not WILDS FMoW v1.1 metadata?"
+                    ) from None
                 rows.setdefault(split, []).append((number, row["category"]))
         with os.scandir(root / "images") as entries:
             present = {entry.name for entry in entries}
