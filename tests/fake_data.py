@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from robustft.data.sources import official_classes
+
 CIFAR_PER_CLASS_PER_BATCH = 2
 CIFAR_TEST_PER_CLASS = 3
 
@@ -99,14 +101,17 @@ def write_domainnet(root: Path) -> Path:
     return root
 
 
-IMAGENET_WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331")
-R_WNIDS = ("n01443537", "n01491361", "n01496331")  # a subset, like ImageNet-R's 200
-A_WNIDS = ("n01440764", "n01494475")
+# Real wnids from the official lists (timm's data files), so that labels come out as ImageNet's:
+# the first 6 ImageNet classes (labels 0..5), and the first classes of ImageNet-R's and -A's 200.
+IMAGENET_WNIDS = official_classes("imagenet")[:6]
+R_WNIDS = official_classes("imagenet_r")[:3]  # n01443537, n01484850, n01494475: labels 1, 2, 4
+A_WNIDS = official_classes("imagenet_a")[:2]  # n01498041, n01531178: not in the fake ImageNet
 
 
-def write_imagenet(root: Path, *, train: int = 5, val: int = 2) -> Path:
+def write_imagenet(root: Path, *, train: int = 5, val: int = 2, classes: int = 6) -> Path:
+    """ImageNet's first `classes` class folders (an incomplete copy: the real one has 1000)."""
     for split, count in (("train", train), ("val", val)):
-        for label, wnid in enumerate(IMAGENET_WNIDS):
+        for label, wnid in enumerate(official_classes("imagenet")[:classes]):
             for k in range(count):
                 save_image(root / split / wnid / f"{wnid}_{k}.JPEG", value=30 * label)
     return root
@@ -227,9 +232,9 @@ def write_objectnet(root: Path, *, per_class: int = 2) -> Path:
 
 
 def write_imagenet_1000(root: Path) -> Path:
-    """ImageNet's 1000 class folders (made-up sorted wnids; empty: ObjectNet only lists them)."""
-    for index in range(1000):
-        (root / "train" / f"n{index:08d}").mkdir(parents=True)
+    """ImageNet's 1000 class folders (official wnids; empty: ObjectNet only lists them)."""
+    for wnid in official_classes("imagenet"):
+        (root / "train" / wnid).mkdir(parents=True)
     (root / "val").mkdir()
     return root
 

@@ -49,6 +49,8 @@ def test_command_line_strings_in_dataset_settings_are_coerced():
         ({"dataset_settings": {"fmow": {"train_transform": "zoom"}}}, "train_transform"),
         ({"paths": {"imagenett": "/x"}}, "'imagenett' under 'paths'"),
         ({"datasets": ["bad name"]}, "datasets[0]"),
+        ({"allow_subset": ["imagenet", "imagenett"]}, "config key 'allow_subset[1]'"),
+        ({"allow_subset": "imagenet"}, "config key 'allow_subset'"),
         (
             {"dataset_settings": {"fmow": {"finetune": {"ft": {"lr_grid": [1e-3, 0.001]}}}}},
             "dataset_settings.fmow.finetune.ft.lr_grid",
@@ -71,3 +73,13 @@ def test_ood_splits_choose_the_sources_a_setting_needs():
     assert dataset_sources("living17", ood_splits=["target"]) == ["imagenet", "breeds"]
     with pytest.raises(ValueError, match="not among"):
         dataset_options({"dataset_settings": {"fmow": {"ood_splits": ["asia"]}}}, "fmow")
+
+
+def test_allow_subset_reaches_the_settings_that_read_the_source():
+    config = validate_config({"allow_subset": ["imagenet", "stl10"]}, SCHEMA)
+    assert validate_config({}, SCHEMA)["allow_subset"] == []
+    assert dataset_options(config, "living17")["allow_subset"] == ["imagenet"]
+    assert dataset_options(config, "cifar10_stl")["allow_subset"] == ["stl10"]
+    # Not set where no listed source is read: those jobs' params stay as they were.
+    assert "allow_subset" not in dataset_options(config, "domainnet")
+    assert "allow_subset" not in dataset_options(config, "cifar10_cifar101")

@@ -125,7 +125,10 @@ def test_truncated_archive_leaves_nothing_and_the_next_run_succeeds(server, tmp_
     assert not list((tmp_path / "datasets").glob("*partial*"))
 
     server.files["r.tar"] = good
-    manifest = fetch_source(source="imagenet_r", out_dir=out, cache_dir=cache, urls=urls)
+    # The small copy holds 6 of ImageNet-R's 30,000 images: allowed knowingly.
+    manifest = fetch_source(
+        source="imagenet_r", out_dir=out, cache_dir=cache, urls=urls, allow_subset=True
+    )
     assert sorted(p.name for p in (out / "imagenet-r").iterdir()) == list(fake_data.R_WNIDS)
     recorded = json.loads((cache / "checksums.json").read_text())
     assert recorded["imagenet-r.tar"] == manifest["files"]["imagenet-r.tar"]["sha256"]
@@ -135,7 +138,13 @@ def test_truncated_archive_leaves_nothing_and_the_next_run_succeeds(server, tmp_
     # Trust on first use: a later download that differs from the first is rejected.
     server.files["r.tar"] = good + b"\0" * 1024
     with pytest.raises(DownloadError, match="checksum mismatch"):
-        fetch_source(source="imagenet_r", out_dir=tmp_path / "again", cache_dir=cache, urls=urls)
+        fetch_source(
+            source="imagenet_r",
+            out_dir=tmp_path / "again",
+            cache_dir=cache,
+            urls=urls,
+            allow_subset=True,
+        )
     assert not (tmp_path / "again").exists()
 
 
@@ -150,6 +159,7 @@ def test_plain_files_and_layout(server, tmp_path):
         out_dir=out,
         cache_dir=tmp_path / "cache",
         urls={name: server.url(name) for name in server.files},
+        allow_subset=True,  # 20 of CIFAR-10.1's 2,000 images
     )
     assert (out / "cifar10.1_v6_data.npy").read_bytes() == (
         src / "cifar10.1_v6_data.npy"

@@ -3,6 +3,7 @@ rule end to end on small copies of the real datasets (toy backbone, resized inpu
 
 from __future__ import annotations
 
+import json
 import time
 
 import fake_data
@@ -120,6 +121,7 @@ def test_features_rule_runs_on_every_format(tmp_path):
     config.update(
         datasets=sorted({dataset for dataset, _ in FEATURE_TARGETS}),
         paths=paths,
+        allow_subset=sorted(paths),  # small copies, used knowingly
         seeds=[0],
         dataset_settings={
             "mine": {
@@ -140,10 +142,12 @@ def test_features_rule_runs_on_every_format(tmp_path):
             assert handle["features"].shape[0] == count, (dataset, split)
             assert np.isfinite(handle["features"][...]).all()
             if (dataset, split) == ("imagenet", "r"):
-                assert list(handle.attrs["class_subset"]) == [1, 3, 5]
-                assert set(handle["labels"][...].tolist()) == {1, 3, 5}
-    # Existing copies are checked, not downloaded.
-    assert (tmp_path / "results/data_checks/imagenet.json").exists()
+                # ImageNet-R's official 200 classes; the copy holds 3 of them.
+                assert len(handle.attrs["class_subset"]) == 200
+                assert set(handle["labels"][...].tolist()) == {1, 2, 4}
+    # Existing copies are checked, not downloaded; the checks record the subset.
+    check = json.loads((tmp_path / "results/data_checks/imagenet.json").read_text())
+    assert check["complete"] is False and check["sizes"]["train"]["found_classes"] == 6
     assert not (tmp_path / "resources/datasets/cifar10").exists()
 
 
@@ -156,6 +160,7 @@ def test_a_corrupt_download_fails_in_one_line_and_is_fetched_again(tmp_path):
         server.files["r.tar"] = good[: len(good) // 2]  # truncated
         config = yaml.safe_load(TINY.read_text())
         config["download"] = {"urls": {"imagenet-r.tar": server.url("r.tar")}}
+        config["allow_subset"] = ["imagenet_r"]  # 6 of its 30,000 images
         config_file = tmp_path / "c.yaml"
         config_file.write_text(yaml.safe_dump(config))
         target = "resources/datasets/imagenet_r"

@@ -202,7 +202,49 @@ def to_markdown(table: pd.DataFrame) -> str:
         ]
     if "note" in table and table["note"].fillna("").astype(str).str.len().gt(0).any():
         shown["note"] = table["note"].fillna("").astype(str)
-    return shown.to_markdown(index=False) + "\n"
+    return shown.to_markdown(index=False) + "\n" + _subset_footnotes(table)
+
+
+def _subset_footnotes(table: pd.DataFrame) -> str:
+    """A line under the table for every split read from a copy smaller than published."""
+    if "subset" not in table:
+        return ""
+    lines = []
+    for dataset, value in zip(table["dataset"], table["subset"].fillna(""), strict=True):
+        for note in str(value).split(" | ") if value else ():
+            line = f"- {dataset}, {note}"
+            if line not in lines:
+                lines.append(line)
+    return "\n" + "\n".join(lines) + "\n" if lines else ""
+
+
+def subset_notes(
+    *,
+    data_checks: Mapping[str, str | Path],
+    check_splits: Mapping[str, Sequence[Sequence[str]]],
+) -> list[str]:
+    """ "ood_r: subset copy of imagenet_r test (6 of 30,000 images; allow_subset)" for every
+    table split (`check_splits`: column → [(source, source split)]) that a source's check
+    (`data_checks`: rule check_dataset's JSON, or a download's folder with MANIFEST.json)
+    records as not complete."""
+    sizes: dict[str, Mapping[str, Any]] = {}
+    for source, path in data_checks.items():
+        path = Path(path)
+        path = path / "MANIFEST.json" if path.is_dir() else path
+        # Downloads from before size checks have no sizes: nothing to mark.
+        sizes[source] = read_json(path).get("sizes", {}) if path.exists() else {}
+    notes = []
+    for column, parts in check_splits.items():
+        for source, split in parts:
+            found = sizes.get(source, {}).get(split)
+            if not found or found.get("complete", True):
+                continue
+            if found.get("expected_images") is not None:
+                counts = f"{found['found_images']:,} of {found['expected_images']:,} images"
+            else:
+                counts = f"{found['found_classes']} of {found['expected_classes']} classes"
+            notes.append(f"{column}: subset copy of {source} {split} ({counts}; allow_subset)")
+    return notes
 
 
 def _has_diverged(value: Any) -> bool:
@@ -267,10 +309,13 @@ def aggregate_dataset(
     ood_splits: Sequence[str],
     csv_path: str | Path,
     md_path: str | Path,
+    data_checks: Mapping[str, str | Path] | None = None,
+    check_splits: Mapping[str, Sequence[Sequence[str]]] | None = None,
 ) -> pd.DataFrame:
     """The table of one dataset: a row per (backbone, method), from `sources`, which maps
     "method/backbone" to the probe metrics of every seed (lp), a `select_run` file, or for
-    wiseft {"curves": [curve.csv per seed], "alpha": α, "endpoint": "ft"}."""
+    wiseft {"curves": [curve.csv per seed], "alpha": α, "endpoint": "ft"}. Splits read from
+    a subset copy (see `subset_notes`) get a `subset` column and a line under the table."""
     rows = []
     for key, files in sources.items():
         method, backbone = key.split("/", 1)
@@ -295,6 +340,9 @@ def aggregate_dataset(
             row = selected_row(method=method, selection_file=str(files), ood_splits=ood_splits)
         rows.append({"dataset": dataset, "backbone": backbone, **row})
     table = pd.DataFrame(rows)
+    notes = subset_notes(data_checks=data_checks or {}, check_splits=check_splits or {})
+    if notes:  # a column only then: tables of complete copies stay as they were
+        table["subset"] = " | ".join(notes)
     write_tables(table, csv_path=csv_path, md_path=md_path)
     return table
 

@@ -576,6 +576,31 @@ def get_distortion_inputs(wildcards):
     return files
 
 
+# --- expected sizes: which checks mark a table's splits (allow_subset) ---------------------
+
+
+def get_data_checks(wildcards):
+    """{source: its size check} for a dataset's tables: the check JSON of an existing copy
+    (rule check_dataset), the folder (MANIFEST.json) of a download."""
+    return {
+        source: get_source_input(source) for source in get_sources(wildcards.dataset)
+    }
+
+
+def get_check_splits(wildcards):
+    """{table column: [(source, source split)]}: what each split of the dataset reads."""
+    from robustft.data.registry import source_splits, split_column
+
+    if not get_sources(wildcards.dataset):
+        return {}
+    return {
+        split_column(split): [
+            list(part) for part in source_splits(wildcards.dataset, split)
+        ]
+        for split in get_splits(wildcards.dataset)
+    }
+
+
 def get_final_outputs():
     outputs = [
         *expand("results/tables/{dataset}.md", dataset=config["datasets"]),

@@ -48,6 +48,8 @@ rule check_dataset:
         "../../envs/analysis.yaml"
     params:
         root=lambda wildcards: config["paths"][wildcards.source],
+        # A param: listing or unlisting a source redoes its (cheap) check.
+        allow_subset=lambda wildcards: wildcards.source in config["allow_subset"],
     script:
         "../scripts/check_dataset.py"
 

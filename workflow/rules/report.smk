@@ -11,6 +11,7 @@ localrules:
 rule aggregate_tables:
     input:
         get_table_files,
+        data_checks=lambda wildcards: list(get_data_checks(wildcards).values()),
     output:
         csv=report(
             "results/tables/{dataset}.csv",
@@ -26,6 +27,8 @@ rule aggregate_tables:
     params:
         sources=get_table_inputs,
         ood_splits=lambda wildcards: get_ood_splits(wildcards.dataset),
+        data_checks=get_data_checks,
+        check_splits=get_check_splits,
     script:
         "../scripts/aggregate_tables.py"
 

@@ -8,4 +8,6 @@ with job(log_path=snakemake.log[0]):
         ood_splits=snakemake.params.ood_splits,
         csv_path=snakemake.output.csv,
         md_path=snakemake.output.md,
+        data_checks=snakemake.params.data_checks,
+        check_splits=snakemake.params.check_splits,
     )

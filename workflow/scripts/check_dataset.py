@@ -5,5 +5,9 @@ from robustft.runtime import job
 with job(log_path=snakemake.log[0]):
     write_json(
         snakemake.output[0],
-        describe_copy(source=snakemake.wildcards.source, root=snakemake.params.root),
+        describe_copy(
+            source=snakemake.wildcards.source,
+            root=snakemake.params.root,
+            allow_subset=snakemake.params.allow_subset,
+        ),
     )

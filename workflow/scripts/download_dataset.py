@@ -10,4 +10,6 @@ with job(log_path=snakemake.log[0]):
         cache_dir=f"{settings['cache']}/{source}",
         urls=settings["urls"],
         after_unpack=build_breeds_class_maps if source == "breeds" else None,
+        # Read here, not a param: listing a source must not download a verified copy again.
+        allow_subset=source in snakemake.config["allow_subset"],
     )

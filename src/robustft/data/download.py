@@ -8,8 +8,9 @@
    recorded by the first download (`<cache>/checksums.json`, trust on first use). A mismatch
    deletes the file (the next run downloads it again) and fails with one line;
 3. archives are unpacked, plain files copied, into a temporary folder beside `out_dir`; its
-   layout is checked; `MANIFEST.json` records the checksums; the folder is renamed onto
-   `out_dir`. A failure at any step leaves no `out_dir`.
+   layout and its sizes (`sources.check_sizes`: a smaller copy is refused unless
+   `allow_subset`) are checked; `MANIFEST.json` records the checksums and the sizes; the
+   folder is renamed onto `out_dir`. A failure at any step leaves no `out_dir`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from robustft.data.sources import SOURCES, Download, check_layout
+from robustft.data.sources import SOURCES, Download, SizeMismatch, check_layout, check_sizes
 from robustft.io import write_json
 
 log = logging.getLogger(__name__)
@@ -124,11 +125,14 @@ def fetch_source(
     cache_dir: str | Path,
     urls: Mapping[str, str] | None = None,
     after_unpack: Any = None,
+    allow_subset: bool = False,
 ) -> dict[str, Any]:
     """Download, verify and unpack every file of `source` into `out_dir`, atomically.
 
     `urls`: replacement URLs by file name (mirrors; the tests' local server).
     `after_unpack(folder)`: a step run on the unpacked folder before its layout is checked.
+    `allow_subset`: accept unpacked files that hold fewer images than published (a warning,
+    and `complete: false` in MANIFEST.json) instead of refusing them.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; known: {', '.join(SOURCES)}")
@@ -170,6 +174,15 @@ def fetch_source(
             raise DownloadError(
                 f"{source}: unpacked files lack the expected layout: {error}"
             ) from None
+        try:
+            sizes = check_sizes(source=source, root=tmp, allow_subset=allow_subset)
+        except SizeMismatch as error:
+            # A verified archive that holds less (a changed upload, or an unpublished
+            # checksum's first download): never unpacked into place, never trusted.
+            message = str(error).replace(str(tmp), str(out_dir))
+            raise DownloadError(f"{source}: the download is refused: {message}") from None
+        manifest["complete"] = all(split["complete"] for split in sizes.values())
+        manifest["sizes"] = sizes
         write_json(tmp / "MANIFEST.json", manifest)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above); Snakemake may have created it

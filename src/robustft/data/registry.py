@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 
 from robustft.data import readers
-from robustft.data.sources import SOURCES, check_layout
+from robustft.data.sources import (
+    SOURCES,
+    SizeMismatch,
+    check_layout,
+    mismatch_message,
+    official_classes,
+)
 
 ID_SPLITS = ("train", "val", "test")
 TRANSFORMS = ("resize", "resize_center_crop", "random_resized_crop", "resize_random_crop")
@@ -146,7 +152,8 @@ def dataset_options(config: Mapping[str, Any], dataset: str) -> dict[str, Any]:
     """The settings of one dataset: its `dataset_settings` entry over the registry's defaults.
 
     Keys: type (builtin | imagefolder), ood_splits, train_transform, eval_transform,
-    val_fraction, split_seed, and for imagefolder root, splits, classes.
+    val_fraction, split_seed, for imagefolder root, splits, classes, and for a built-in
+    setting allow_subset (the config's `allow_subset` sources it reads; only when any).
     """
     own = dict((config.get("dataset_settings") or {}).get(dataset) or {})
     kind = own.get("type") or ("builtin" if dataset in BUILTIN else None)
@@ -210,6 +217,12 @@ def dataset_options(config: Mapping[str, Any], dataset: str) -> dict[str, Any]:
         train_transform=own.get("train_transform") or setting.train_transform,
         eval_transform=own.get("eval_transform") or setting.eval_transform,
     )
+    # Present only when set, so that the params (and results) of complete copies stay as
+    # they were; listing a source reruns the jobs that read it, which read a subset.
+    read = dataset_sources(dataset, ood_splits=ood)
+    allowed = [source for source in config.get("allow_subset") or [] if source in read]
+    if allowed:
+        options["allow_subset"] = allowed
     return options
 
 
@@ -221,6 +234,27 @@ def dataset_sources(dataset: str, *, ood_splits: Sequence[str]) -> list[str]:
     names = [setting.id_source, *setting.extra_sources]
     names += [setting.ood_sources[split] for split in ood_splits]
     return list(dict.fromkeys(names))
+
+
+def source_splits(dataset: str, split: str) -> list[tuple[str, str]]:
+    """The (source, split of `Source.sizes`) pairs one split of a built-in setting reads: their
+    counts say whether it comes from a complete copy (none for other datasets)."""
+    if dataset not in SETTINGS:
+        return []
+    setting = SETTINGS[dataset]
+    id_part = "train" if split in ("train", "val") else "test"
+    if dataset in ("living17", "entity30"):
+        return [("imagenet", "train" if id_part == "train" else "val"), ("breeds", dataset)]
+    if dataset == "domainnet":
+        domain = DOMAINNET_ID_DOMAIN if split in ID_SPLITS else split
+        return [("domainnet", f"{domain}_{id_part}")]
+    if dataset == "fmow":
+        return [("fmow", {"train": "train", "val": "id_val"}.get(split, "val"))]
+    if split in ID_SPLITS:
+        if dataset == "imagenet":
+            return [("imagenet", "train" if id_part == "train" else "val")]
+        return [(setting.id_source, id_part)]
+    return [(setting.ood_sources[split], "test")]
 
 
 def dataset_files(dataset: str, *, root: str | Path) -> dict[str, Path]:
@@ -300,13 +334,14 @@ def load_split(
         if source not in roots:
             raise ValueError(f"{dataset}: no folder given for source {source!r}")
         check_layout(source, roots[source])
+    allowed = frozenset(options.get("allow_subset") or ())
     if split in ("train", "val") and not setting.has_val:
-        full = _READERS[dataset](split="train", roots=roots)
+        full = _READERS[dataset](split="train", roots=roots, allowed=allowed)
         train_index, val_index = carve_val(
             full.labels, fraction=float(options["val_fraction"]), seed=int(options["split_seed"])
         )
         return take(full, train_index if split == "train" else val_index)
-    return _READERS[dataset](split=split, roots=roots)
+    return _READERS[dataset](split=split, roots=roots, allowed=allowed)
 
 
 def _cifar10(split: str, roots: Mapping[str, Path]) -> ImageArrays:
@@ -316,7 +351,9 @@ def _cifar10(split: str, roots: Mapping[str, Path]) -> ImageArrays:
     return ImageArrays(images=images, labels=labels, class_names=readers.CIFAR10_CLASSES)
 
 
-def _cifar10_stl(*, split: str, roots: Mapping[str, Path]) -> ImageArrays:
+def _cifar10_stl(
+    *, split: str, roots: Mapping[str, Path], allowed: frozenset[str] = frozenset()
+) -> ImageArrays:
     if split != "stl":
         return _cifar10(split, roots)
     folder = roots["stl10"] / "stl10_binary"
@@ -325,7 +362,9 @@ def _cifar10_stl(*, split: str, roots: Mapping[str, Path]) -> ImageArrays:
     return ImageArrays(images=images, labels=labels, class_names=readers.CIFAR10_CLASSES)
 
 
-def _cifar10_cifar101(*, split: str, roots: Mapping[str, Path]) -> ImageArrays:
+def _cifar10_cifar101(
+    *, split: str, roots: Mapping[str, Path], allowed: frozenset[str] = frozenset()
+) -> ImageArrays:
     if split != "cifar101":
         return _cifar10(split, roots)
     folder = roots["cifar101"]
@@ -340,7 +379,9 @@ def _cifar10_cifar101(*, split: str, roots: Mapping[str, Path]) -> ImageArrays:
 DOMAINNET_ID_DOMAIN = "sketch"
 
 
-def _domainnet(*, split: str, roots: Mapping[str, Path]) -> ImageFiles:
+def _domainnet(
+    *, split: str, roots: Mapping[str, Path], allowed: frozenset[str] = frozenset()
+) -> ImageFiles:
     root = roots["domainnet"]
     domain, part = (DOMAINNET_ID_DOMAIN, split) if split in ID_SPLITS else (split, "test")
     images, names = readers.read_sentry_list(
@@ -361,36 +402,68 @@ def _domainnet(*, split: str, roots: Mapping[str, Path]) -> ImageFiles:
     return ImageFiles(paths=images.paths, labels=images.labels, class_names=class_names)
 
 
-def imagenet_wnids(root: str | Path) -> list[str]:
-    """ImageNet's classes in the usual order (sorted wnids of `train/`)."""
-    return readers.list_class_folders(Path(root) / "train")
+def imagenet_wnids() -> list[str]:
+    """ImageNet's 1000 classes in the standard order (the official list, never the folders
+    of a copy: a copy with fewer folders keeps every label where it belongs)."""
+    return list(official_classes("imagenet"))
 
 
-def _imagenet(*, split: str, roots: Mapping[str, Path]) -> ImageFiles:
-    wnids = imagenet_wnids(roots["imagenet"])
+def check_class_folders(
+    *, source: str, split: str, folder: Path, allowed: frozenset[str]
+) -> list[str]:
+    """The class folders of a copy, each one of the source's official classes (else an error
+    naming it); fewer than the official number is refused unless `allowed` names the source."""
+    size = next(s for s in SOURCES[source].sizes if s.split == split)
+    official = set(official_classes(size.names))
+    present = readers.list_class_folders(folder)
+    for name in present:
+        if name not in official:
+            raise ValueError(
+                f"{SOURCES[source].short} {split}: {folder / name} is not one of the "
+                f"{len(official)} official classes: a different dataset or version?"
+            )
+    if len(present) != size.classes and source not in allowed:
+        raise SizeMismatch(
+            mismatch_message(
+                source=source,
+                split=split,
+                where=f"under {folder}",
+                found_classes=len(present),
+                expected_classes=size.classes,
+            )
+        )
+    return present
+
+
+def _imagenet(
+    *, split: str, roots: Mapping[str, Path], allowed: frozenset[str] = frozenset()
+) -> ImageFiles:
+    wnids = imagenet_wnids()
     index = {wnid: i for i, wnid in enumerate(wnids)}
     names = tuple(wnids)
     if split in ID_SPLITS:
+        check_class_folders(
+            source="imagenet", split="train", folder=roots["imagenet"] / "train", allowed=allowed
+        )
         folder = roots["imagenet"] / ("train" if split == "train" else "val")
         images = readers.read_class_folders(folder, class_to_label=index)
         return ImageFiles(paths=images.paths, labels=images.labels, class_names=names)
     source = SETTINGS["imagenet"].ood_sources[split]
-    folder = roots[source] / SOURCES[source].image_folder
     if split == "objectnet":
         return _objectnet(folder=roots[source], wnids=wnids)
+    folder = roots[source] / SOURCES[source].image_folder
+    check_class_folders(source=source, split="test", folder=folder, allowed=allowed)
     if split == "v2":
         # ImageNet-V2 folders are class indices 0..999, not wnids.
         images = readers.read_class_folders(
             folder, class_to_label={str(i): i for i in range(len(wnids))}
         )
         return ImageFiles(paths=images.paths, labels=images.labels, class_names=names)
-    present = readers.list_class_folders(folder)
-    unknown = [wnid for wnid in present if wnid not in index]
-    if unknown:
-        raise ValueError(f"{folder / unknown[0]}: not an ImageNet class of {roots['imagenet']}")
     images = readers.read_class_folders(folder, class_to_label=index)
-    # ImageNet-R and -A hold 200 classes and are scored over those only.
-    subset = tuple(sorted(index[w] for w in present)) if len(present) < len(wnids) else None
+    # ImageNet-R and -A are scored over their official 200 classes, whatever a copy holds.
+    subset = (
+        tuple(sorted(index[w] for w in official_classes(source))) if split in ("r", "a") else None
+    )
     return ImageFiles(
         paths=images.paths, labels=images.labels, class_names=names, class_subset=subset
     )
@@ -401,10 +474,6 @@ def _objectnet(*, folder: Path, wnids: Sequence[str]) -> ImageFiles:
     ImageNet classes they map to, right when that class belongs to the image's ObjectNet
     class. Labels are in ImageNet's space: each image gets one ImageNet class of its group."""
     groups = readers.read_objectnet_groups(folder / "objectnet-1.0" / "mappings")
-    if len(wnids) != 1000:
-        raise ValueError(
-            f"ObjectNet maps onto the 1000 ImageNet classes; {len(wnids)} class folders found"
-        )
     group_of = [-1] * len(wnids)
     for number, (_, ids) in enumerate(groups):
         for index in ids:
@@ -431,8 +500,13 @@ def _objectnet(*, folder: Path, wnids: Sequence[str]) -> ImageFiles:
 
 
 def _breeds(name: str):
-    def read(*, split: str, roots: Mapping[str, Path]) -> ImageFiles:
-        wnids = imagenet_wnids(roots["imagenet"])
+    def read(
+        *, split: str, roots: Mapping[str, Path], allowed: frozenset[str] = frozenset()
+    ) -> ImageFiles:
+        wnids = imagenet_wnids()
+        check_class_folders(
+            source="imagenet", split="train", folder=roots["imagenet"] / "train", allowed=allowed
+        )
         class_map = readers.read_breeds_class_map(
             roots["breeds"] / f"{name}.json", imagenet_wnids=wnids
         )
@@ -441,8 +515,7 @@ def _breeds(name: str):
         missing = sorted(set(to_label) - set(wnids))
         if missing:
             raise ValueError(
-                f"{roots['breeds'] / f'{name}.json'}: {missing[0]} is not a class of "
-                f"{roots['imagenet'] / 'train'}"
+                f"{roots['breeds'] / f'{name}.json'}: {missing[0]} is not an ImageNet class"
             )
         folder = roots["imagenet"] / ("train" if split == "train" else "val")
         images = readers.read_class_folders(folder, class_to_label=to_label, strict=False)
@@ -461,7 +534,9 @@ FMOW_SPLITS = {  # our split → (WILDS split, region)
 }
 
 
-def _fmow(*, split: str, roots: Mapping[str, Path]) -> ImageFiles:
+def _fmow(
+    *, split: str, roots: Mapping[str, Path], allowed: frozenset[str] = frozenset()
+) -> ImageFiles:
     wilds_split, region = FMOW_SPLITS[split]
     images = readers.read_fmow_split(roots["fmow"], wilds_split=wilds_split, region=region)
     if not images.paths:
