@@ -21,6 +21,7 @@ Imported by the workflow at parse time: standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -188,10 +189,9 @@ def tree_fingerprint(
     result.fingerprint = hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
     new_cache = {"format": CACHE_FORMAT, "root": root, "folders": folders, "hashes": hashes}
     if cache_path is not None and new_cache != cache:
-        try:
+        # A read-only results folder only costs the next run a fresh listing.
+        with contextlib.suppress(OSError):
             _save_cache(cache_path, new_cache)
-        except OSError:
-            pass  # a read-only results folder only costs the next run a fresh listing
     return result
 
 
