@@ -109,3 +109,34 @@ def test_a_no_op_rerun_of_the_default_config_plans_nothing_new(tmp_path):
     output = dry_run(tmp_path, ROOT / "config.yaml")
     assert planned_jobs(output)["fingerprint_dataset"] == 1
     assert not (tmp_path / "results").exists()
+
+
+def test_a_file_of_a_paths_copy_replaced_in_place_reruns_its_check_and_manifest(tmp_path):
+    import fake_data
+
+    cifar10 = fake_data.write_cifar10(tmp_path / "cifar10")
+    cifar101 = fake_data.write_cifar101(tmp_path / "cifar101")
+    config = yaml.safe_load(TINY.read_text())
+    config.update(
+        datasets=["cifar10_cifar101"],
+        paths={"cifar10": str(cifar10), "cifar101": str(cifar101)},
+        allow_subset=["cifar10", "cifar101"],
+    )
+    config_file = tmp_path / "copy.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    target = "results/data/cifar10_cifar101.json"
+    args = (target, "--configfile", str(config_file))
+    snakemake("--cores", "1", *args, cwd=tmp_path)
+    first = (tmp_path / target).read_text()
+    data = cifar101 / "cifar10.1_v6_data.npy"
+    later = os.stat(data).st_mtime + 60
+    os.utime(data, (later, later))
+    result = snakemake("-n", *args, cwd=tmp_path)
+    assert "Nothing to be done" in result.stdout + result.stderr
+    pixels = np.load(data)
+    pixels[0, 0, 0, 0] ^= 0xFF  # same size, other content
+    np.save(data, pixels)
+    result = snakemake("-n", *args, cwd=tmp_path)
+    assert planned_jobs(result.stdout) == {"check_dataset": 1, "fingerprint_dataset": 1}
+    snakemake("--cores", "1", *args, cwd=tmp_path)
+    assert (tmp_path / target).read_text() != first

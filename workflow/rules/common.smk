@@ -143,24 +143,29 @@ def get_data_trees(dataset):
     }
 
 
-_USER_FINGERPRINTS = {}
+_FINGERPRINTS = {}
+
+
+def get_tree_fingerprint(name, root):
+    """The fingerprint of a user-owned folder (a `paths:` copy or an imagefolder root), taken
+    once per DAG build; listings are cached under FINGERPRINT_CACHE between runs."""
+    if (name, root) not in _FINGERPRINTS:
+        _FINGERPRINTS[name, root] = tree_fingerprint(
+            root=root,
+            cache_file=f"{FINGERPRINT_CACHE}/{fingerprint_cache_name(name, root)}",
+        ).fingerprint
+    return _FINGERPRINTS[name, root]
 
 
 def get_user_data_fingerprints(wildcards):
     """{name: fingerprint} of the user-owned trees of a dataset (rule fingerprint_dataset's
     params): a changed image or list file changes them, so `--rerun-triggers params` reruns
     the manifest and everything made from the data; a touched file does not."""
-    dataset = wildcards.dataset
-    if dataset not in _USER_FINGERPRINTS:
-        _USER_FINGERPRINTS[dataset] = {
-            name: tree_fingerprint(
-                root=root,
-                cache_file=f"{FINGERPRINT_CACHE}/{fingerprint_cache_name(name, root)}",
-            ).fingerprint
-            for name, (root, user_owned) in get_data_trees(dataset).items()
-            if user_owned
-        }
-    return _USER_FINGERPRINTS[dataset]
+    return {
+        name: get_tree_fingerprint(name, root)
+        for name, (root, user_owned) in get_data_trees(wildcards.dataset).items()
+        if user_owned
+    }
 
 
 def get_data_root(wildcards):

@@ -50,6 +50,10 @@ rule check_dataset:
         root=lambda wildcards: config["paths"][wildcards.source],
         # A param: listing or unlisting a source redoes its (cheap) check.
         allow_subset=lambda wildcards: wildcards.source in config["allow_subset"],
+        # A changed copy is counted again.
+        fingerprint=lambda wildcards: get_tree_fingerprint(
+            wildcards.source, config["paths"][wildcards.source]
+        ),
     script:
         "../scripts/check_dataset.py"
 
