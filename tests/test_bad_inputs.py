@@ -9,19 +9,22 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import h5py
 import numpy as np
 import pytest
 import torch
 from fake_data import write_tiny_toyshift_job
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from robustft.features import write_features
+from robustft.io import sha256_file
+from robustft.models import ImageClassifier, load_backbone, save_model
 from robustft.probe import run_probe
 from robustft.report import select_run
 from robustft.runtime import job
-from robustft.stages import extract_split, run_finetune
+from robustft.stages import extract_split, feature_distortion, run_finetune, run_wiseft
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -94,7 +97,9 @@ def inputs(tmp_path_factory):
     """A small valid set of every file a step reads: data, backbone, features, probe, metrics."""
     root = write_tiny_toyshift_job(tmp_path_factory.mktemp("valid"), train_per_class=8, width=4)
     rng = np.random.default_rng(0)
-    attrs = {"backbone": "toyresnet", "weights_sha256": "ab" * 32, "num_classes": 3}
+    sha = json.loads((root / "backbone/meta.json").read_text())["sha256"]
+    provenance = {"backbone": "toyresnet", "weights_sha256": sha, "data_fingerprint": DATA}
+    attrs = {**provenance, "num_classes": 3}
     for split in ("train", "val"):
         write_features(
             root / "features" / f"{split}.h5",
@@ -103,8 +108,19 @@ def inputs(tmp_path_factory):
             attrs={**attrs, "split": split},
         )
     (root / "probe").mkdir()
+    backbone, preprocess, _ = load_backbone(root / "backbone")
     save_file(
-        {"weight": torch.zeros(3, 16), "bias": torch.zeros(3)}, str(root / "probe/head.safetensors")
+        {"weight": torch.zeros(3, backbone.num_features), "bias": torch.zeros(3)},
+        str(root / "probe/head.safetensors"),
+        metadata=provenance,
+    )
+    # A fine-tuned run of seed 0 (the pretrained weights as they are), for WiSE-FT.
+    save_model(
+        ImageClassifier(backbone=backbone, num_classes=3, preprocess=preprocess),
+        root / "run/model.safetensors",
+    )
+    (root / "run/metrics.json").write_text(
+        json.dumps({"lr": 0.01, "seed": 0, "id_val": 0.5, **provenance})
     )
     (root / "metrics").mkdir()
     for seed in (0, 1):
@@ -112,6 +128,9 @@ def inputs(tmp_path_factory):
             json.dumps({"lr": 0.01, "seed": seed, "id_val": 0.5})
         )
     return root
+
+
+DATA = "da7a" * 16  # the data fingerprint of the valid inputs
 
 
 def copy_inputs(inputs, workdir):
@@ -141,6 +160,56 @@ def set_h5_attr(path, name, value):
         handle.attrs[name] = value
 
 
+def set_h5_attrs(paths, **values):
+    for path in paths:
+        for name, value in values.items():
+            set_h5_attr(path, name, value)
+
+
+def del_h5_attr(path, name):
+    with h5py.File(path, "r+") as handle:
+        del handle.attrs[name]
+
+
+def edit_head(path, *, tensors=None, **changes):
+    """Rewrite a safetensors file with its metadata changed (None: the entry removed), or
+    other tensors under the same metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    metadata.update(changes)
+    metadata = {key: value for key, value in metadata.items() if value is not None}
+    save_file(tensors or load_file(str(path)), str(path), metadata=metadata or None)
+
+
+def nan_in_weights(root):
+    """A NaN in the backbone's first weight tensor, with meta.json's checksum updated (the
+    weights are then as fetched, only broken)."""
+    weights = root / "backbone/model.safetensors"
+    state = load_file(str(weights))
+    state["stem.0.weight"][0, 0, 0, 0] = float("nan")
+    save_file(state, str(weights))
+    edit_json(root / "backbone/meta.json", sha256=sha256_file(weights))
+
+
+def disk_full(step):
+    """`step` with HDF5 failing as on a full disk: a multi-line error naming the temporary."""
+
+    def fail(*args, **kwargs):
+        raise OSError(
+            "Can't synchronously write data (file write failed)\n"
+            "  filename = '/scratch/.val.h5.k2j4x9q1.tmp', errno = 28\n"
+            "  error message = 'No space left on device'"
+        )
+
+    def run(root):
+        with mock.patch("h5py.Group.create_dataset", fail):
+            step(root)
+
+    return run
+
+
 def edit_json(path, **changes):
     data = json.loads(path.read_text())
     data.update(changes)
@@ -159,6 +228,7 @@ def extract(root):
         out_path=root / "out" / "val.h5",
         backbone_name="toyresnet",
         progress=False,
+        data_fingerprint=DATA,
     )
 
 
@@ -169,6 +239,8 @@ def probe(root):
         c_grid=[1.0],
         max_iter=50,
         progress=False,
+        backbone_meta=root / "backbone/meta.json",
+        backbone_name="toyresnet",
     )
 
 
@@ -189,6 +261,36 @@ def lpft(root):
         weight_decay=0.0,
         bn="frozen",
         augment=False,
+        progress=False,
+        data_fingerprint=DATA,
+    )
+
+
+def wiseft(root):
+    select_run(metrics_files=[root / "run/metrics.json"], out_path=root / "selected/ft.json")
+    run_wiseft(
+        dataset="toyshift",
+        data_root=root / "data",
+        model_dir=root / "backbone",
+        probe_dir=root / "probe",
+        selection_files={"ft": root / "selected/ft.json"},
+        seed=0,
+        alphas=[0.0, 1.0],
+        ood_splits=["real"],
+        out_path=root / "out/curve.csv",
+        data_fingerprint=DATA,
+    )
+
+
+def distortion(root):
+    feature_distortion(
+        dataset="toyshift",
+        data_root=root / "data",
+        model_dir=root / "backbone",
+        pretrained_features={"val": root / "features/val.h5"},
+        runs=[],
+        backbone_name="toyresnet",
+        data_fingerprint=DATA,
         progress=False,
     )
 
@@ -269,17 +371,88 @@ FILE_CASES = {
         "train.h5",
     ),
     "probe head of another class map": (
-        lambda r: save_file(
-            {"weight": torch.zeros(5, 16), "bias": torch.zeros(5)},
-            str(r / "probe/head.safetensors"),
+        lambda r: edit_head(
+            r / "probe/head.safetensors",
+            tensors={"weight": torch.zeros(5, 32), "bias": torch.zeros(5)},
         ),
         lpft,
-        "probe",
+        "probe head (5, 32) does not fit the model head (3, 32)",
     ),
     "probe head corrupt": (
         lambda r: truncate(r / "probe/head.safetensors"),
         lpft,
         "head.safetensors",
+    ),
+    "backbone weights with a NaN": (
+        nan_in_weights,
+        extract,
+        ("model.safetensors", "non-finite features for 12 of 12 images", "'stem.0.weight'"),
+    ),
+    "feature file write fails (disk full)": (
+        None,
+        disk_full(extract),
+        ("val.h5: writing the feature file failed", "Can't synchronously write"),
+    ),
+    "features of another backbone in place": (
+        lambda r: set_h5_attrs(
+            [r / "features/train.h5", r / "features/val.h5"],
+            backbone="resnet50",
+            weights_sha256="cd" * 32,
+        ),
+        probe,
+        ("train.h5: backbone 'resnet50' differs from 'toyresnet'",),
+    ),
+    "features of other weights than meta.json": (
+        lambda r: set_h5_attrs(
+            [r / "features/train.h5", r / "features/val.h5"], weights_sha256="cd" * 32
+        ),
+        probe,
+        ("train.h5: weights_sha256 cdcdcdcdcdcd differs from", "meta.json"),
+    ),
+    "features of other data than the train split": (
+        lambda r: set_h5_attr(r / "features/val.h5", "data_fingerprint", "0e" * 32),
+        probe,
+        ("val.h5: attribute data_fingerprint 0e0e0e0e0e0e differs", "da7ada7ada7a"),
+    ),
+    "features from before provenance": (
+        lambda r: del_h5_attr(r / "features/val.h5", "data_fingerprint"),
+        probe,
+        ("val.h5: no data_fingerprint recorded", "snakemake --forcerun extract_features"),
+    ),
+    "probe head of other backbone weights": (
+        lambda r: edit_head(r / "probe/head.safetensors", weights_sha256="cd" * 32),
+        lpft,
+        ("head.safetensors: weights_sha256 cdcdcdcdcdcd differs", "meta.json"),
+    ),
+    "probe head of other data": (
+        lambda r: edit_head(r / "probe/head.safetensors", data_fingerprint="0e" * 32),
+        lpft,
+        ("head.safetensors: data_fingerprint 0e0e0e0e0e0e differs from da7ada7ada7a",),
+    ),
+    "probe head from before provenance": (
+        lambda r: edit_head(r / "probe/head.safetensors", data_fingerprint=None),
+        lpft,
+        ("head.safetensors: no data_fingerprint recorded", "--forcerun fit_probe"),
+    ),
+    "WiSE-FT probe head of other data": (
+        lambda r: edit_head(r / "probe/head.safetensors", data_fingerprint="0e" * 32),
+        wiseft,
+        ("head.safetensors: data_fingerprint 0e0e0e0e0e0e differs",),
+    ),
+    "WiSE-FT run of other backbone weights": (
+        lambda r: edit_json(r / "run/metrics.json", weights_sha256="cd" * 32),
+        wiseft,
+        ("metrics.json: weights_sha256 cdcdcdcdcdcd differs", "meta.json"),
+    ),
+    "WiSE-FT run of other data": (
+        lambda r: edit_json(r / "run/metrics.json", data_fingerprint="0e" * 32),
+        wiseft,
+        ("metrics.json: data_fingerprint 0e0e0e0e0e0e differs",),
+    ),
+    "distortion features of other weights": (
+        lambda r: set_h5_attr(r / "features/val.h5", "weights_sha256", "cd" * 32),
+        distortion,
+        ("val.h5: weights_sha256 cdcdcdcdcdcd differs", "meta.json"),
     ),
     "run metrics not JSON": (
         lambda r: (r / "metrics/seed1.json").write_text("{"),
@@ -299,13 +472,35 @@ def test_a_broken_file_fails_its_step_with_one_line_naming_it(
     inputs, tmp_path, capsys, damage, step, named
 ):
     root = copy_inputs(inputs, tmp_path / "inputs")
-    damage(root)
+    if damage is not None:
+        damage(root)
     log = tmp_path / "job.log"
     with pytest.raises(SystemExit) as failed, job(log_path=log):
         step(root)
     assert failed.value.code != 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("robustft:"), lines
-    assert named in lines[0], lines[0]
+    for part in (named,) if isinstance(named, str) else named:
+        assert part in lines[0], lines[0]
     assert "Traceback" in log.read_text()  # the details are in the log
     assert not (root / "out").exists() or not any((root / "out").iterdir())
+
+
+@pytest.mark.parametrize("step", [extract, probe, lpft, wiseft, distortion])
+def test_the_valid_inputs_pass_every_step_the_cases_break(inputs, tmp_path, step):
+    """So that each case above fails for its own damage, not for the fixture's."""
+    root = copy_inputs(inputs, tmp_path / "inputs")
+    step(root)
+
+
+def test_a_multiline_error_keeps_its_file_on_the_one_line(tmp_path, capsys):
+    """Errors from libraries (HDF5, the OS) can span lines with the file on a later one, or
+    in `filename` only: the one line the terminal shows must still name it."""
+    for error, named in (
+        (OSError("Unable to open\n  name = '/data/x/task.h5'\n  errno = 5"), "/data/x/task.h5"),
+        (OSError(5, "Input/output error\nretry", "/data/x/w.safetensors"), "w.safetensors"),
+    ):
+        with pytest.raises(SystemExit), job(log_path=tmp_path / "job.log"):
+            raise error
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and named in lines[0], lines

@@ -187,8 +187,84 @@ def test_a_finetuning_run_records_its_preprocessing_and_drop_rate(tmp_path):
         progress=False,
         preprocess_overrides={"input_size": 24},
         backbone_kwargs={"drop_rate": 0.2},
+        data_fingerprint="da7a" * 16,
     )
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["backbone"]["preprocess"]["input_size"] == 24
     assert config["backbone"]["preprocess"]["mean"] == [0.5, 0.5, 0.5]
     assert config["backbone"]["kwargs"] == {"drop_rate": 0.2}
+    # Provenance: the pretrained weights, the data, no probe head (ft).
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    sha = json.loads((root / "backbone" / "meta.json").read_text())["sha256"]
+    expected = {
+        "backbone": "backbone",  # the folder's name, as resources/models/{backbone}
+        "weights_sha256": sha,
+        "data_fingerprint": "da7a" * 16,
+        "probe_head_sha256": None,
+    }
+    assert config["provenance"] == expected
+    assert {key: metrics[key] for key in expected} == expected
+
+
+def test_features_record_their_provenance(tmp_path):
+    import json
+
+    from fake_data import write_tiny_toyshift_job
+
+    from robustft.stages import extract_split
+
+    root = write_tiny_toyshift_job(tmp_path, train_per_class=4, width=4)
+    for fingerprint, name in (("da7a" * 16, "known.h5"), (None, "unknown.h5")):
+        extract_split(
+            dataset="toyshift",
+            split="val",
+            data_root=root / "data",
+            model_dir=root / "backbone",
+            out_path=tmp_path / name,
+            backbone_name="toyresnet",
+            progress=False,
+            data_fingerprint=fingerprint,
+        )
+    sha = json.loads((root / "backbone" / "meta.json").read_text())["sha256"]
+    known, unknown = (read_features(tmp_path / name).attrs for name in ("known.h5", "unknown.h5"))
+    assert known["backbone"] == "toyresnet" and known["weights_sha256"] == sha
+    assert known["data_fingerprint"] == "da7a" * 16
+    assert unknown["data_fingerprint"] == ""  # made without a data manifest: unknown
+
+
+def test_a_write_removes_the_temporaries_a_killed_write_left(tmp_path):
+    """A SIGKILL during a write leaves `.<name>.<random>.tmp`; the next write of that output
+    removes those, and only those of its own name."""
+    from robustft.io import write_text
+
+    stale = tmp_path / ".train.h5.x7k2m9q1.tmp"
+    stale.write_bytes(b"partial")
+    others = [tmp_path / ".train.h5.old.x7k2m9q1.tmp", tmp_path / ".val.h5.x7k2m9q1.tmp"]
+    for other in others:
+        other.write_bytes(b"another output's")
+    write_features(
+        tmp_path / "train.h5",
+        features=np.zeros((2, 3), np.float32),
+        labels=np.zeros(2, np.int64),
+        attrs=ATTRS,
+    )
+    assert not stale.exists()
+    assert all(other.exists() for other in others)
+    (tmp_path / ".x.json.abcd_123.tmp").write_text("{")
+    write_text(tmp_path / "x.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["train.h5", "x.json", *(other.name for other in others)]
+    )
+
+
+def test_a_multiline_write_error_names_the_feature_file(tmp_path, monkeypatch):
+    """HDF5's I/O errors (disk full) span lines and name the temporary, if anything."""
+
+    def disk_full(*args, **kwargs):
+        raise OSError("Can't write data (file write failed)\n  errno = 28, 'No space left'")
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", disk_full)
+    path = tmp_path / "val.h5"
+    with pytest.raises(OSError, match=r"^\S*val\.h5: writing the feature file failed \(Can't"):
+        write_features(path, features=np.zeros((2, 3), np.float32), labels=np.zeros(2), attrs={})
+    assert list(tmp_path.iterdir()) == []

@@ -319,3 +319,24 @@ def test_refinement_bisects_the_gaps_that_could_hold_the_full_sweeps_choice():
     assert refinement(val_acc, 12, reach=0.01) == [10, 14]
     # Reach 0.2: the first peak could be within reach too.
     assert refinement(val_acc, 12, reach=0.2) == [2, 6, 10, 14]
+
+
+def test_the_probe_records_its_features_provenance_in_metrics_and_head(tmp_path):
+    """The head carries the backbone, weights and data it was fitted on (safetensors
+    metadata), so that LP-FT, KD and WiSE-FT can check them; metrics.json the same."""
+    from safetensors import safe_open
+
+    from robustft.features import write_features
+
+    provenance = {"backbone": "toyresnet", "weights_sha256": "ab" * 32, "data_fingerprint": "f0"}
+    files = {}
+    splits = mixture_splits(classes=3, dim=8, n_train=100, n_eval=50)
+    for name, (x, y) in zip(("train", "val", "test"), splits, strict=True):
+        files[name] = tmp_path / f"{name}.h5"
+        write_features(files[name], features=x, labels=y, attrs={"num_classes": 3, **provenance})
+    metrics = run_probe(
+        feature_files=files, out_dir=tmp_path / "probe", c_grid=[1.0], max_iter=100, progress=False
+    )
+    assert {key: metrics[key] for key in provenance} == provenance
+    with safe_open(str(tmp_path / "probe" / "head.safetensors"), framework="np") as handle:
+        assert handle.metadata() == provenance

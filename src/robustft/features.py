@@ -125,13 +125,19 @@ def write_features(
     """Write `features` (float32 N×D) and `labels` (int64 N) with attributes, atomically."""
     if features.ndim != 2 or len(features) != len(labels):
         raise ValueError(f"features {features.shape} and labels {labels.shape} do not match")
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
-        handle.create_dataset("features", data=features.astype(np.float32))
-        handle.create_dataset("labels", data=labels.astype(np.int64))
-        handle.attrs["format"] = FORMAT
-        handle.attrs["count"] = len(labels)
-        for key, value in attrs.items():
-            handle.attrs[key] = value
+    try:
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+            handle.create_dataset("features", data=features.astype(np.float32))
+            handle.create_dataset("labels", data=labels.astype(np.int64))
+            handle.attrs["format"] = FORMAT
+            handle.attrs["count"] = len(labels)
+            for key, value in attrs.items():
+                handle.attrs[key] = value
+    except OSError as error:
+        # HDF5's errors (disk full, quota, I/O) span several lines and name the temporary
+        # file, if any: say which output failed, with the cause's first line.
+        cause = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        raise OSError(f"{path}: writing the feature file failed ({cause})") from error
 
 
 def read_features(path: str | Path, *, num_classes: int | None = None) -> FeatureSet:

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -19,9 +20,14 @@ from typing import Any
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    A SIGKILL leaves the temporary (`.<name>.<random>.tmp`) behind; the next write of the same
+    output removes those of this name first (`remove_stale_temporaries`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -36,6 +42,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# mkstemp's names: the prefix, 8 characters of this alphabet, the suffix. Matching exactly
+# these keeps `.model.<x>.tmp` of output `model` apart from those of `model.safetensors`.
+_TMP_RANDOM = r"[a-z0-9_]{8}"
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporaries that interrupted writes of `path` left beside it; return them."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{_TMP_RANDOM}\.tmp")
+    stale = [
+        entry
+        for entry in (path.parent.iterdir() if path.parent.is_dir() else ())
+        if pattern.fullmatch(entry.name)
+    ]
+    for entry in stale:
+        entry.unlink(missing_ok=True)
+    return stale
 
 
 def write_text(path: str | Path, text: str) -> None:

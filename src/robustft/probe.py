@@ -20,9 +20,10 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from tqdm import tqdm
 
+from robustft import provenance
 from robustft.data.registry import split_column
 from robustft.features import read_features
-from robustft.io import atomic_path, write_csv, write_json
+from robustft.io import atomic_path, read_json, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -618,10 +619,15 @@ def run_probe(
     progress: bool = True,
     solver: str = "torch",
     device: str = "cpu",
+    backbone_meta: str | Path | None = None,
+    backbone_name: str | None = None,
 ) -> dict[str, Any]:
     """Fit the probe on `train`, choose C on `val`, report accuracy on every split.
 
-    `solver` and `device` as in `fit_probe`."""
+    `solver` and `device` as in `fit_probe`. Every split's features must share one backbone,
+    weights and data fingerprint; with `backbone_meta` (the backbone's meta.json) they must
+    be of those weights, and of `backbone_name` when given. The head's safetensors metadata
+    and metrics.json record the features' `backbone`, `weights_sha256`, `data_fingerprint`."""
     missing = [split for split in ("train", "val") if split not in feature_files]
     if missing:
         raise ValueError(f"probe needs feature files for splits {missing}")
@@ -630,15 +636,46 @@ def run_probe(
     sets = {
         split: read_features(path, num_classes=num_classes) for split, path in feature_files.items()
     }
-    # Every split must come from the same backbone weights and the same label space.
-    for key in ("num_classes", "weights_sha256"):
+    if backbone_meta is not None:
+        meta = read_json(backbone_meta)
+        for split, data in sets.items():
+            provenance.check_backbone(
+                path=feature_files[split],
+                recorded=data.attrs,
+                meta=meta,
+                meta_path=backbone_meta,
+                backbone_name=backbone_name,
+                data_fingerprint=None,  # no reference here: the splits must agree (below)
+                data_source="",
+                rerun="extract_features",
+            )
+            provenance.require(
+                path=feature_files[split],
+                recorded=data.attrs,
+                name=provenance.DATA_FINGERPRINT,
+                rerun="extract_features",
+            )
+    # Every split must come from the same backbone weights, data and label space.
+    for key in (
+        "num_classes",
+        provenance.BACKBONE,
+        provenance.WEIGHTS_SHA256,
+        provenance.DATA_FINGERPRINT,
+    ):
         expected = first.attrs.get(key)
         for split, data in sets.items():
-            if data.attrs.get(key) != expected:
+            found = data.attrs.get(key)
+            if found != expected:
                 raise ValueError(
-                    f"{feature_files[split]}: attribute {key}={data.attrs.get(key)!r} differs "
-                    f"from the train features' {expected!r} ({feature_files['train']})"
+                    f"{feature_files[split]}: attribute {key} {provenance.short(found)} "
+                    f"differs from the train features' {provenance.short(expected)} "
+                    f"({feature_files['train']})"
                 )
+    recorded = provenance.record(
+        backbone=first.attrs.get(provenance.BACKBONE),
+        weights_sha256=str(first.attrs.get(provenance.WEIGHTS_SHA256, provenance.UNKNOWN)),
+        data_fingerprint=first.attrs.get(provenance.DATA_FINGERPRINT),
+    )
     dims = {split: data.features.shape[1] for split, data in sets.items()}
     if len(set(dims.values())) != 1:
         raise ValueError(f"feature dimensions differ between splits: {dims}")
@@ -664,7 +701,7 @@ def run_probe(
     from safetensors.numpy import save_file
 
     with atomic_path(out_dir / "head.safetensors") as tmp:
-        save_file({"weight": weight, "bias": bias}, str(tmp))
+        save_file({"weight": weight, "bias": bias}, str(tmp), metadata=recorded)
     write_csv(out_dir / "sweep.csv", result.sweep)
     chosen = next(row for row in result.sweep if row["C"] == result.C)
     metrics = {
@@ -676,6 +713,7 @@ def run_probe(
         "feature_mean": result.mean,
         "feature_std": result.std,
         **accuracies,
+        **recorded,
     }
     write_json(out_dir / "metrics.json", metrics)
     return metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
@@ -107,7 +108,9 @@ def job(
     except Exception as error:
         traceback.print_exc(file=sys.stderr)
         _report(
-            f"robustft: {type(error).__name__}: {error}", terminal=original_stderr, log_file=handle
+            f"robustft: {type(error).__name__}: {one_line(error)}",
+            terminal=original_stderr,
+            log_file=handle,
         )
         sys.exit(1)
     finally:
@@ -116,6 +119,30 @@ def job(
         if handle:
             sys.stdout, sys.stderr = sys.__stdout__, original_stderr
             handle.close()
+
+
+# A path-like token: something/with/a/slash, or a file name with an extension.
+_PATH = re.compile(r"[\w.~-]*/[\w./~-]+|[\w-]+\.(?:h5|hdf5|json|safetensors|pt|csv|yaml|png)\b")
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line that still names its file.
+
+    Library errors are one line already. Others (h5py's I/O errors, disk full) span several,
+    with the file on a later line or only in `error.filename`: keep the first line and add
+    the file from there.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    first = lines[0]
+    filename = getattr(error, "filename", None)
+    if filename and str(filename) not in first:
+        return f"{filename}: {first}"
+    if len(lines) == 1 or _PATH.search(first):
+        return first
+    named = next((line for line in lines[1:] if _PATH.search(line)), None)
+    return f"{first} ({named})" if named else first
 
 
 def _report(message: str, *, terminal: Any, log_file: Any) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from robustft import __version__
+from robustft import __version__, provenance
 from robustft.config import hparam_folder
 from robustft.data.datasets import ArrayImageDataset, as_torch_dataset, train_transform
 from robustft.data.registry import ID_SPLITS, ImageArrays, load_split, split_column, take
@@ -41,6 +41,7 @@ from robustft.models import (
     load_backbone,
     save_backbone,
     save_model,
+    weights_path,
 )
 from robustft.runtime import sigterm_deferred
 from robustft.training import (
@@ -176,6 +177,7 @@ def extract_split(
     progress: bool = True,
     data_options: Mapping[str, Any] | None = None,
     preprocess_overrides: Mapping[str, Any] | None = None,
+    data_fingerprint: str | None = None,
 ) -> None:
     """Frozen, eval-mode penultimate features of one split into an HDF5 file.
 
@@ -183,7 +185,9 @@ def extract_split(
     `registry.dataset_options` (eval transform, val carving, imagefolder layout);
     `preprocess_overrides`: config overrides of the backbone's pretrained preprocessing
     (`load_backbone`). The file's attrs record the resolved preprocessing, as text
-    (`preprocessing`) and as JSON (`preprocess`).
+    (`preprocessing`) and as JSON (`preprocess`), and the provenance (`provenance.record`:
+    backbone, weights_sha256, `data_fingerprint` of the data manifest). Non-finite features
+    are refused, naming the weights, and nothing is written.
     """
     # The backbone first: a missing weight cache fails at once, before a dataset is read.
     backbone, preprocess, meta = load_backbone(model_dir, preprocess=preprocess_overrides)
@@ -202,6 +206,13 @@ def extract_split(
         precision=precision,
         progress=progress,
     )
+    bad = int((~np.isfinite(features).all(axis=1)).sum())
+    if bad:
+        raise ValueError(
+            f"{weights_path(model_dir, meta)}: backbone {backbone_name!r} gives non-finite "
+            f"features for {bad} of {len(features)} images of {dataset}/{split} "
+            f"({_non_finite_weights(backbone)}); nothing written"
+        )
     # Scoring hooks for the probe (ImageNet-R/A subsets, ObjectNet groups).
     subset = {
         key: list(value)
@@ -213,8 +224,11 @@ def extract_split(
         features=features,
         labels=labels,
         attrs={
-            "backbone": backbone_name,
-            "weights_sha256": meta["sha256"],
+            **provenance.record(
+                backbone=backbone_name,
+                weights_sha256=meta["sha256"],
+                data_fingerprint=data_fingerprint,
+            ),
             "dataset": dataset,
             "split": split,
             "num_classes": len(arrays.class_names),
@@ -228,6 +242,14 @@ def extract_split(
             **subset,
         },
     )
+
+
+def _non_finite_weights(backbone: torch.nn.Module) -> str:
+    """Which weight tensor holds NaN or infinity (the first), for the error message."""
+    for key, value in backbone.state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"tensor '{key}' holds NaN or infinity"
+    return "no weight tensor holds NaN or infinity: an overflow? try precision fp32"
 
 
 def load_probe_head(probe_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,6 +266,42 @@ def load_probe_head(probe_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
         shapes = {key: tuple(value.shape) for key, value in state.items()}
         raise ValueError(f"{path}: expected a 2-d 'weight' and a 'bias', found {shapes}")
     return state["weight"], state["bias"]
+
+
+def probe_head_provenance(probe_dir: str | Path) -> dict[str, str]:
+    """The provenance the probe recorded in its head's safetensors metadata (`run_probe`)."""
+    from safetensors import safe_open
+
+    path = Path(probe_dir) / "head.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def check_probe_head(
+    *,
+    probe_dir: str | Path,
+    model_dir: str | Path,
+    meta: Mapping[str, Any],
+    data_fingerprint: str | None,
+) -> str:
+    """Refuse a probe head fitted on another backbone's weights or other data; its SHA-256."""
+    path = Path(probe_dir) / "head.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: probe head missing")
+    provenance.check_backbone(
+        path=path,
+        recorded=probe_head_provenance(probe_dir),
+        meta=meta,
+        meta_path=Path(model_dir) / "meta.json",
+        backbone_name=None,
+        data_fingerprint=data_fingerprint,
+        data_source="this job's data manifest",
+        rerun="fit_probe",
+    )
+    return sha256_file(path)
 
 
 def run_finetune(
@@ -280,6 +338,7 @@ def run_finetune(
     precision: str = "auto",
     preprocess_overrides: Mapping[str, Any] | None = None,
     backbone_kwargs: Mapping[str, float] | None = None,
+    data_fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune with one of FINETUNE_METHODS, all through the one training loop.
 
@@ -304,10 +363,30 @@ def run_finetune(
     `checkpoint_minutes` and on SIGTERM; a rerun resumes from it, and it is deleted once the
     outputs are written. Keep it out of the job's declared outputs (Snakemake deletes those
     when a job fails).
+
+    `data_fingerprint` (the data manifest's): recorded in config.json and metrics.json with
+    the backbone's weights_sha256 and the probe head's SHA-256; a probe head (lpft, kd) must
+    record the same weights and data (`check_probe_head`).
     """
     backbone, preprocess, backbone_meta = load_backbone(  # first: fail at once
         model_dir, preprocess=preprocess_overrides, backbone_kwargs=backbone_kwargs
     )
+    probe_head_sha256 = None
+    if probe_dir is not None and method in ("lpft", "kd"):
+        probe_head_sha256 = check_probe_head(
+            probe_dir=probe_dir,
+            model_dir=model_dir,
+            meta=backbone_meta,
+            data_fingerprint=data_fingerprint,
+        )
+    recorded = {
+        **provenance.record(
+            backbone=Path(model_dir).name,
+            weights_sha256=backbone_meta["sha256"],
+            data_fingerprint=data_fingerprint,
+        ),
+        provenance.PROBE_HEAD_SHA256: probe_head_sha256,
+    }
     splits = {
         split: load_split(dataset=dataset, split=split, root=data_root, options=data_options)
         for split in (*ID_SPLITS, *ood_splits)
@@ -406,10 +485,14 @@ def run_finetune(
             "backbone_sha256": backbone_meta["sha256"],
             "backbone": {"preprocess": preprocess.to_dict(), "kwargs": dict(backbone_kwargs or {})},
             "probe_head_sha256": (
-                sha256_file(Path(probe_dir) / "head.safetensors") if probe_dir else None
+                probe_head_sha256 or sha256_file(Path(probe_dir) / "head.safetensors")
+                if probe_dir
+                else None
             ),
             "split_sizes": {split: len(arrays.labels) for split, arrays in splits.items()},
         }
+        if data_fingerprint is not None:  # only then: state saved before it stays resumable
+            identity["data_fingerprint"] = data_fingerprint
         checkpointing = Checkpointing(
             path=Path(state_dir) / "last.pt",
             fingerprint=hashlib.sha256(
@@ -463,6 +546,7 @@ def run_finetune(
             "diverged": result.diverged,
             "collapse": result.collapse,
             **{key: value for key, value in best.items() if key.startswith(("id_", "ood_"))},
+            **recorded,
         }
         write_json(
             out_dir / "config.json",
@@ -483,6 +567,7 @@ def run_finetune(
                 "device": device,
                 "resolved_config": dict(resolved_config or {}),
                 "environment": environment_info(),
+                "provenance": recorded,
             },
         )
         write_json(out_dir / "metrics.json", metrics)
@@ -508,17 +593,54 @@ def run_wiseft(
     data_options: Mapping[str, Any] | None = None,
     num_workers: int = 0,
     preprocess_overrides: Mapping[str, Any] | None = None,
+    data_fingerprint: str | None = None,
 ) -> list[dict[str, Any]]:
     """WiSE-FT curve of one seed: for each selected method's run of that seed (θ₁) and each α,
     evaluate θ_α = (1 − α)·θ₀ + α·θ₁ on ID val, ID test and every OOD split, where θ₀ is the
     pretrained backbone with the probe head of the same seed. Writes one row per (method, α).
+
+    The probe head and the selected runs must record this backbone's weights and the same
+    data: `data_fingerprint` (the data manifest's), or without it the probe head's.
     """
     from safetensors.torch import load_file
 
     from robustft.io import read_json
     from robustft.wiseft import interpolate_state_dicts
 
-    backbone, preprocess, _ = load_backbone(model_dir, preprocess=preprocess_overrides)
+    backbone, preprocess, meta = load_backbone(model_dir, preprocess=preprocess_overrides)
+    head_sha256 = check_probe_head(
+        probe_dir=probe_dir, model_dir=model_dir, meta=meta, data_fingerprint=data_fingerprint
+    )
+    head_path = Path(probe_dir) / "head.safetensors"
+    data_source = "this job's data manifest"
+    if data_fingerprint is None:
+        data_fingerprint = probe_head_provenance(probe_dir).get(provenance.DATA_FINGERPRINT) or None
+        data_source = f"the probe head {head_path}"
+    selections = {}
+    for method, selection_file in selection_files.items():
+        selection = selections[method] = read_json(selection_file)
+        for run in selection.get("runs", []):
+            if int(run["seed"]) != int(seed):
+                continue
+            provenance.check_backbone(
+                path=run["path"],
+                recorded=run,
+                meta=meta,
+                meta_path=Path(model_dir) / "meta.json",
+                backbone_name=None,
+                data_fingerprint=data_fingerprint,
+                data_source=data_source,
+                rerun="finetune",
+            )
+            if run.get(provenance.PROBE_HEAD_SHA256):
+                provenance.check(
+                    path=run["path"],
+                    recorded=run,
+                    name=provenance.PROBE_HEAD_SHA256,
+                    expected=head_sha256,
+                    source=str(head_path),
+                    rerun="finetune",
+                )
     splits = {
         split: load_split(dataset=dataset, split=split, root=data_root, options=data_options)
         for split in (*ID_SPLITS, *ood_splits)
@@ -540,7 +662,7 @@ def run_wiseft(
     }
     rows: list[dict[str, Any]] = []
     for method, selection_file in selection_files.items():
-        selection = read_json(selection_file)
+        selection = selections[method]
         if selection.get("all_diverged"):
             log.warning("%s: every run diverged; no WiSE-FT curve toward it", method)
             continue
@@ -750,6 +872,8 @@ def feature_distortion(
     device: str = "cpu",
     progress: bool = True,
     preprocess_overrides: Mapping[str, Any] | None = None,
+    backbone_name: str | None = None,
+    data_fingerprint: str | None = None,
 ) -> list[dict[str, Any]]:
     """How far fine-tuning moved the penultimate features, per run and split.
 
@@ -757,14 +881,41 @@ def feature_distortion(
     features rule, same images in the same order); `runs` are dicts with `method`, `seed`,
     `lr` and `path` (a run's metrics.json, beside its model.safetensors). Returns rows with
     the mean relative L2 change and the linear CKA between pretrained and fine-tuned features.
+    The feature files and the runs must record the weights in `model_dir`'s meta.json, the
+    feature files also `backbone_name` and `data_fingerprint` where given.
     """
     from safetensors.torch import load_file
 
     from robustft.features import read_features
-    from robustft.models import load_state
+    from robustft.io import read_json
+    from robustft.models import META_FILE, load_state
     from robustft.robustness import linear_cka, relative_change
 
+    meta_path = Path(model_dir) / META_FILE
+    meta = read_json(meta_path)
     before = {split: read_features(path) for split, path in pretrained_features.items()}
+    for split, path in pretrained_features.items():
+        provenance.check_backbone(
+            path=path,
+            recorded=before[split].attrs,
+            meta=meta,
+            meta_path=meta_path,
+            backbone_name=backbone_name,
+            data_fingerprint=data_fingerprint,
+            data_source="this job's data manifest",
+            rerun="extract_features",
+        )
+    for run in runs:
+        provenance.check_backbone(
+            path=run["path"],
+            recorded=run,
+            meta=meta,
+            meta_path=meta_path,
+            backbone_name=None,
+            data_fingerprint=data_fingerprint,
+            data_source="this job's data manifest",
+            rerun="finetune",
+        )
     splits = {
         split: load_split(dataset=dataset, split=split, root=data_root, options=data_options)
         for split in before

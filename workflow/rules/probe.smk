@@ -9,6 +9,8 @@ rule fit_probe:
             dataset=wildcards.dataset,
             split=get_splits(wildcards.dataset),
         ),
+        # The features must be of these weights (the probe checks their weights_sha256).
+        meta=lambda wildcards: get_backbone_files(wildcards)["meta"],
     output:
         metrics="results/probe/{backbone}/{dataset}/seed{seed}/metrics.json",
         head="results/probe/{backbone}/{dataset}/seed{seed}/head.safetensors",

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+from robustft.provenance import read_data_fingerprint
 from robustft.runtime import job, resolve_device
 from robustft.stages import extract_split
 
@@ -19,4 +20,5 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         threads=snakemake.threads,
         device=resolve_device(snakemake.params.device),
         progress=snakemake.params.progress,
+        data_fingerprint=read_data_fingerprint(snakemake.input.get("data_manifest")),
     )

@@ -1,10 +1,12 @@
 from robustft.analysis import write_distortion
 from robustft.io import read_json
+from robustft.provenance import read_data_fingerprint
 from robustft.runtime import job, resolve_device
 from robustft.stages import feature_distortion
 
 with job(log_path=snakemake.log[0], threads=snakemake.threads):
     dataset = snakemake.wildcards.dataset
+    data_fingerprint = read_data_fingerprint(snakemake.input.get("data_manifest"))
     rows = []
     for backbone, plan in snakemake.params.plan.items():
         runs = [
@@ -26,6 +28,8 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
             threads=snakemake.threads,
             device=resolve_device(snakemake.params.device),
             progress=snakemake.params.progress,
+            backbone_name=backbone,
+            data_fingerprint=data_fingerprint,
         ):
             rows.append({"dataset": dataset, "backbone": backbone, **row})
     write_distortion(rows=rows, csv_path=snakemake.output.csv, plot_path=snakemake.output.plot)

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 from robustft.config import parse_hparam_folder
+from robustft.provenance import read_data_fingerprint
 from robustft.runtime import job, resolve_device
 from robustft.stages import run_finetune
 
@@ -27,5 +28,6 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         resolved_config=snakemake.params.settings,
         preprocess_overrides=snakemake.params.preprocess,
         backbone_kwargs=snakemake.params.backbone_kwargs,
+        data_fingerprint=read_data_fingerprint(snakemake.input.get("data_manifest")),
         **snakemake.params.settings,
     )

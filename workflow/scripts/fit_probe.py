@@ -12,4 +12,6 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         progress=snakemake.params.progress,
         solver=snakemake.params.solver,
         device=resolve_device(snakemake.params.device),
+        backbone_meta=snakemake.input.meta,
+        backbone_name=snakemake.wildcards.backbone,
     )
