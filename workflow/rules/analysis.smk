@@ -72,6 +72,7 @@ rule effective_robustness:
 rule feature_distortion:
     input:
         get_distortion_inputs,
+        data_manifest=f"{DATA_MANIFESTS}/{{dataset}}.json",
     output:
         csv=report(
             "results/analysis/distortion/{dataset}.csv",
