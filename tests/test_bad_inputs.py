@@ -61,6 +61,7 @@ CONFIG_CASES = {
         ["--config", "finetune={'lpft': {'freeze_bn': true}}"],
         "'finetune.lpft.freeze_bn' was replaced by 'finetune.lpft.bn'",
     ),
+    "unknown subset source": (["--config", "allow_subset=[imagenet,imagenett]"], "allow_subset[1]"),
     "unknown BatchNorm mode": (["--config", "finetune={'ft': {'bn': 'eval'}}"], "finetune.ft.bn"),
     "negative clipping": (
         ["--config", "finetune={'lpft': {'clip_grad_norm': -5}}"],
