@@ -126,7 +126,7 @@ def inputs(tmp_path_factory):
     (root / "metrics").mkdir()
     for seed in (0, 1):
         (root / "metrics" / f"seed{seed}.json").write_text(
-            json.dumps({"lr": 0.01, "seed": seed, "id_val": 0.5})
+            json.dumps({"lr": 0.01, "seed": seed, "id_val": 0.5, **provenance})
         )
     return root
 
@@ -459,6 +459,16 @@ FILE_CASES = {
         lambda r: (r / "metrics/seed1.json").write_text("{"),
         select,
         "seed1.json",
+    ),
+    "runs of one sweep from other data": (
+        lambda r: edit_json(r / "metrics/seed1.json", data_fingerprint="0ther" * 12),
+        select,
+        ("seed1.json", "data_fingerprint", "seed0.json"),
+    ),
+    "runs of one sweep from other weights": (
+        lambda r: edit_json(r / "metrics/seed0.json", weights_sha256="be" * 32),
+        select,
+        ("seed1.json", "weights_sha256"),
     ),
     "run metrics without id_val": (
         lambda r: edit_json(r / "metrics/seed0.json", id_val=None),

@@ -376,6 +376,7 @@ def select_run(*, metrics_files: Sequence[str | Path], out_path: str | Path) -> 
         by_point.setdefault(key, []).append(metrics)
     if not by_point:
         raise ValueError("no runs to select from")
+    _check_same_origin([run for runs in by_point.values() for run in runs])
     diverged = [
         {
             "run": hparam_folder(dict(point)),
@@ -411,3 +412,23 @@ def select_run(*, metrics_files: Sequence[str | Path], out_path: str | Path) -> 
         selection |= {"lr": None, "hparams": None, "run": None, "runs": []}
     write_json(out_path, selection)
     return selection
+
+
+def _check_same_origin(runs: Sequence[Mapping[str, Any]]) -> None:
+    """The runs of one sweep come from one backbone's weights and one copy of the data: a
+    run left from other weights or data must not win the selection."""
+    from robustft.provenance import DATA_FINGERPRINT, WEIGHTS_SHA256, short
+
+    for name in (WEIGHTS_SHA256, DATA_FINGERPRINT):
+        first = None
+        for run in runs:
+            value = run.get(name)
+            if value is None:  # not recorded (hand-written metrics)
+                continue
+            if first is None:
+                first = run
+            elif value != first[name]:
+                raise ValueError(
+                    f"{run['path']}: {name} {short(value)} differs from {short(first[name])} "
+                    f"of {first['path']}; rerun the stale run: snakemake --forcerun finetune"
+                )
