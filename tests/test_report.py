@@ -126,3 +126,38 @@ def test_a_sweep_that_collapsed_everywhere_is_reported_as_such_not_as_a_number(t
     markdown = (tmp_path / "t.md").read_text()
     assert "all 6 runs diverged" in markdown
     assert "80.0" not in markdown.split("lpft")[1]  # the probe's numbers are not LP-FT's
+
+
+def test_effective_robustness_refuses_a_baseline_made_from_other_data(tmp_path):
+    import pytest
+
+    from robustft.analysis import effective_robustness_table
+
+    def metrics(name, fingerprint, id_test):
+        path = tmp_path / name / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(
+            json.dumps(
+                {
+                    "seed": 0,
+                    "best_epoch": 1,
+                    "id_test": id_test,
+                    "ood_x": id_test / 2,
+                    "data_fingerprint": fingerprint,
+                }
+            )
+        )
+        return path
+
+    baselines = [metrics("b1", "aa" * 32, 0.6), metrics("b2", "aa" * 32, 0.8)]
+    probe = metrics("seed0", "aa" * 32, 0.7)
+    args = dict(dataset="d", ood_splits=["x"], selection_files={})
+    table, _ = effective_robustness_table(
+        baseline_files=baselines, probe_files={"b": [probe]}, **args
+    )
+    assert len(table) == 3
+    stale = metrics("b3", "bb" * 32, 0.7)
+    with pytest.raises(ValueError, match=r"b3/metrics.json: data_fingerprint bbbbbbbbbbbb differs"):
+        effective_robustness_table(
+            baseline_files=[*baselines, stale], probe_files={"b": [probe]}, **args
+        )

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from robustft.io import atomic_path, read_json, write_json
+from robustft.provenance import DATA_FINGERPRINT, check_same
 from robustft.robustness import BaselineLine, effective_robustness, fit_baseline
 
 MEAN = "mean"  # the line and ER of the mean over OOD splits
@@ -75,8 +76,10 @@ def effective_robustness_table(
     ID accuracy is ID test accuracy; `er_pts*` columns are in accuracy points.
     """
     rows: list[dict[str, Any]] = []
+    origins: list[tuple[str | Path, Mapping[str, Any]]] = []  # every model is of the same data
     for path in baseline_files:
         metrics = read_json(path)
+        origins.append((path, metrics))
         rows.append(
             {
                 "method": "baseline",
@@ -90,6 +93,7 @@ def effective_robustness_table(
     for backbone, files in probe_files.items():
         for path in files:
             metrics = read_json(path)
+            origins.append((path, metrics))
             rows.append(
                 {
                     "method": "lp",
@@ -104,6 +108,7 @@ def effective_robustness_table(
         method, backbone = key.split("/", 1)
         selection = read_json(selection_file)
         for run in selection["runs"]:
+            origins.append((run["path"], run))
             history_path = Path(run["path"]).parent / "history.csv"
             history = pd.read_csv(history_path)
             # Epochs between scored ones (finetune.eval_every) have no test/OOD values.
@@ -119,6 +124,7 @@ def effective_robustness_table(
                         **_accuracies(record, ood_splits, where=str(history_path)),
                     }
                 )
+    check_same(records=origins, name=DATA_FINGERPRINT, rerun="train_baseline fit_probe finetune")
     table = pd.DataFrame(rows)
     baseline = table[table["method"] == "baseline"]
     lines = baseline_lines(baseline=baseline, ood_splits=ood_splits, published=published_line)

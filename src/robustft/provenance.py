@@ -133,3 +133,22 @@ def record(
         WEIGHTS_SHA256: weights_sha256,
         DATA_FINGERPRINT: data_fingerprint or UNKNOWN,
     }
+
+
+def check_same(
+    *, records: list[tuple[str | Path, Mapping[str, Any]]], name: str, rerun: str
+) -> None:
+    """Refuse results that meet in one table but record different values of `name` (made
+    from other data or weights); records without the entry are not compared."""
+    first: tuple[str | Path, Any] | None = None
+    for path, recorded in records:
+        value = recorded.get(name)
+        if value is None or value == UNKNOWN:
+            continue
+        if first is None:
+            first = (path, value)
+        elif value != first[1]:
+            raise ValueError(
+                f"{path}: {name} {short(value)} differs from {short(first[1])} of {first[0]}; "
+                f"rerun the stale one: snakemake --forcerun {rerun}"
+            )

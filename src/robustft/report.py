@@ -417,18 +417,7 @@ def select_run(*, metrics_files: Sequence[str | Path], out_path: str | Path) -> 
 def _check_same_origin(runs: Sequence[Mapping[str, Any]]) -> None:
     """The runs of one sweep come from one backbone's weights and one copy of the data: a
     run left from other weights or data must not win the selection."""
-    from robustft.provenance import DATA_FINGERPRINT, WEIGHTS_SHA256, short
+    from robustft.provenance import DATA_FINGERPRINT, WEIGHTS_SHA256, check_same
 
     for name in (WEIGHTS_SHA256, DATA_FINGERPRINT):
-        first = None
-        for run in runs:
-            value = run.get(name)
-            if value is None:  # not recorded (hand-written metrics)
-                continue
-            if first is None:
-                first = run
-            elif value != first[name]:
-                raise ValueError(
-                    f"{run['path']}: {name} {short(value)} differs from {short(first[name])} "
-                    f"of {first['path']}; rerun the stale run: snakemake --forcerun finetune"
-                )
+        check_same(records=[(run["path"], run) for run in runs], name=name, rerun="finetune")

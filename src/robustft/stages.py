@@ -710,6 +710,7 @@ def run_zeroshot(
     device: str = "cpu",
     data_options: Mapping[str, Any] | None = None,
     preprocess_overrides: Mapping[str, Any] | None = None,
+    data_fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """The zero-shot CLIP model of a setting: the pretrained image tower with the text tower's
     head for the dataset's class names (`zeroshot.zeroshot_head`), evaluated on ID val, ID test
@@ -718,7 +719,7 @@ def run_zeroshot(
 
     from robustft.zeroshot import load_text_tower, text_tower_name, zeroshot_head
 
-    backbone, preprocess, _ = load_backbone(model_dir, preprocess=preprocess_overrides)
+    backbone, preprocess, backbone_meta = load_backbone(model_dir, preprocess=preprocess_overrides)
     splits = {
         split: load_split(dataset=dataset, split=split, root=data_root, options=data_options)
         for split in (*ID_SPLITS, *ood_splits)
@@ -752,7 +753,14 @@ def run_zeroshot(
     with atomic_path(out_dir / "head.safetensors") as tmp:
         save_file({"weight": weight, "bias": bias}, str(tmp))
     name, tag = text_tower_name(backbone_name)
-    metrics.update(method="zeroshot", text_tower=f"{name}/{tag}", classes=len(class_names))
+    metrics.update(
+        method="zeroshot",
+        text_tower=f"{name}/{tag}",
+        classes=len(class_names),
+        backbone=backbone_name,
+        weights_sha256=backbone_meta["sha256"],
+        data_fingerprint=data_fingerprint or "",
+    )
     write_json(out_dir / "metrics.json", metrics)
     return metrics
 
@@ -781,6 +789,7 @@ def train_baseline(
     data_options: Mapping[str, Any] | None = None,
     device: str = "cpu",
     progress: bool = True,
+    data_fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """A model trained from scratch on (a fraction of) the ID training data only.
 
@@ -852,6 +861,7 @@ def train_baseline(
         "best_epoch": result.best_epoch,
         "id_val": result.history[result.best_epoch]["id_val"],
         **scores,
+        "data_fingerprint": data_fingerprint or "",
     }
     write_json(out_dir / "metrics.json", metrics)
     return metrics

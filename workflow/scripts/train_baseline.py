@@ -1,5 +1,6 @@
 from pathlib import Path
 
+from robustft.provenance import read_data_fingerprint
 from robustft.runtime import job, resolve_device
 from robustft.stages import train_baseline
 
@@ -11,6 +12,7 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         ood_splits=snakemake.params.ood_splits,
         data_options=snakemake.params.data_options,
         device=resolve_device(snakemake.params.device),
+        data_fingerprint=read_data_fingerprint(snakemake.input.get("data_manifest")),
         progress=snakemake.params.progress,
         **snakemake.params.settings,
     )

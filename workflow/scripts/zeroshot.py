@@ -1,5 +1,6 @@
 from pathlib import Path
 
+from robustft.provenance import read_data_fingerprint
 from robustft.runtime import job, resolve_device
 from robustft.stages import run_zeroshot
 
@@ -16,4 +17,5 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         out_dir=Path(snakemake.output.metrics).parent,
         batch_size=snakemake.params.batch_size,
         device=resolve_device(snakemake.params.device),
+        data_fingerprint=read_data_fingerprint(snakemake.input.get("data_manifest")),
     )
