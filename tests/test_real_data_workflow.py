@@ -20,6 +20,7 @@ PAPER_JOBS = {
     # cifar10, stl10, cifar101, domainnet, breeds, fmow, ImageNet-V2/R/A/Sketch
     "download_dataset": 10,
     "check_dataset": 1,  # ImageNet: an existing copy (paths.imagenet)
+    "fingerprint_dataset": 7,  # one data manifest per setting
     "fetch_backbone": 3,
     # train, val, test + OOD: 4 (CIFAR→STL) 4 (→CIFAR-10.1) 4 + 4 (BREEDS) 6 (DomainNet)
     # 5 (FMoW) 7 (ImageNet)
@@ -62,6 +63,7 @@ def test_paper_dry_run_of_one_dataset_plans_only_that_setting(tmp_path):
     jobs = planned_jobs(result.stdout)
     assert jobs == {
         "download_dataset": 2,  # cifar10, stl10
+        "fingerprint_dataset": 1,
         "fetch_backbone": 1,
         "extract_features": 4,
         "fit_probe": 3,
