@@ -116,7 +116,7 @@ def get_data_sources(wildcards):
 
 
 def get_dataset_files(wildcards):
-    """What every rule that reads a dataset's images depends on: its sources, and its data
+    """What every job reading a dataset's images depends on: its sources, and its data
     manifest (rule fingerprint_dataset), which changes exactly when the data does."""
     return {
         **get_data_sources(wildcards),
