@@ -13,6 +13,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from robustft.methods.spec import BUILTIN, STAGE_METHODS, Method, MethodError, method_table
+
 # Backbone names become folder names and Snakemake wildcards: timm names with their
 # pretrained tag (`resnet50.tv_in1k`), no slashes, no `..`.
 BACKBONE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
@@ -31,18 +33,10 @@ def format_hparam(value: float | int | str) -> str:
     return f"{number:g}"
 
 
-# Hyper-parameters a fine-tuning method sweeps besides lr: {method: {folder key: config key of
-# its grid under finetune.<method>}}. A run folder is "lr{lr}" then "-{key}{value}" for each,
-# e.g. lr0.01-alpha0.1, every value in its format_hparam spelling.
-SWEPT_HPARAMS: dict[str, dict[str, str]] = {
-    "ft": {},
-    "lpft": {},
-    "l2sp": {"alpha": "alpha_grid"},
-    "l1sp": {"alpha": "alpha_grid"},
-    "kd": {"lambda": "lambda_grid"},
-    "lora": {"rank": "rank_grid"},
-}
-GRID_KEYS = frozenset({"lr_grid"} | {k for keys in SWEPT_HPARAMS.values() for k in keys.values()})
+# Hyper-parameters a fine-tuning method sweeps besides lr come from its entry in the method
+# table (`robustft.methods`, `Method.swept`): {folder key: config key of its grid under
+# finetune.<method>}. A run folder is "lr{lr}" then "-{key}{value}" for each, e.g.
+# lr0.01-alpha0.1, every value in its format_hparam spelling.
 _FOLDER_PART = re.compile(r"([a-z]+)([0-9][0-9.e+-]*?)(?=-[a-z]|$)")
 
 
@@ -156,8 +150,13 @@ def coerce_strings(value: Any, schema: Mapping[str, Any]) -> Any:
 
 
 def validate_config(config: dict[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
-    """Fill defaults into `config` in place and check it; raise ConfigError (one line) if wrong."""
+    """Fill defaults into `config` in place and check it; raise ConfigError (one line) if wrong.
+
+    The method names the schema allows, and the keys of a user's own method, come from the
+    method table (`robustft.methods`), with the user's entry points imported first.
+    """
     _check_renamed_keys(config)
+    schema = with_method_table(schema, finetune=config.get("finetune"))
     config.update(coerce_strings(config, schema))
     validator = _fill_defaults(jsonschema.Draft7Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
@@ -187,7 +186,7 @@ def _check_renamed_keys(config: Mapping[str, Any]) -> None:
 def _check_cross_references(config: dict[str, Any]) -> None:
     """Checks a JSON schema cannot express: values that must agree with one another."""
     for method in config["methods"]:
-        if method in ("lp", "wiseft", "zeroshot"):
+        if method in STAGE_METHODS:
             continue
         grid = config["finetune"][method]["lr_grid"]
         spellings = [format_hparam(lr) for lr in grid]
@@ -216,8 +215,8 @@ def _check_cross_references(config: dict[str, Any]) -> None:
             f"log10_max {c_grid['log10_max']}"
         )
     for dataset, own in (config.get("dataset_settings") or {}).items():
-        for method in SWEPT_HPARAMS:
-            grid = ((own or {}).get("finetune") or {}).get(method, {}).get("lr_grid")
+        for method in method_table(config["finetune"]):
+            grid = (((own or {}).get("finetune") or {}).get(method) or {}).get("lr_grid")
             spellings = [format_hparam(lr) for lr in grid or []]
             if len(set(spellings)) != len(spellings):
                 raise ConfigError(
@@ -237,3 +236,60 @@ def _check_cross_references(config: dict[str, Any]) -> None:
         counts = toyshift["pretrain_images_per_class"]
         if sum(counts.values()) == 0:
             raise ConfigError("config key 'toyshift.pretrain_images_per_class': all counts are 0")
+
+
+def with_method_table(
+    schema: Mapping[str, Any], *, finetune: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The schema with its method enums read from the method table, and a section for each
+    user method under `finetune` (and the per-dataset overrides) built from its entry: its
+    grids, its fixed options with their defaults, and what every method has."""
+    try:
+        table = method_table(finetune if isinstance(finetune, Mapping) else None)
+    except MethodError as error:
+        raise ConfigError(str(error)) from None
+    schema = _copy(dict(schema))
+    properties = schema["properties"]
+    names = [STAGE_METHODS[0], *table, *STAGE_METHODS[1:]]
+    properties["methods"]["items"]["enum"] = names
+    properties["wiseft"]["properties"]["methods"]["items"]["enum"] = list(table)
+    sections = properties["finetune"]["properties"]
+    overrides = properties["dataset_settings"]["additionalProperties"]["properties"]["finetune"]
+    for name, method in table.items():
+        if name not in BUILTIN:
+            sections[name] = _user_section(method, template=sections["ft"])
+            overrides["properties"][name] = _copy(overrides["properties"]["ft"])
+            overrides["properties"][name]["description"] = f"Overrides for {name}."
+    return schema
+
+
+def _user_section(method: Method, *, template: Mapping[str, Any]) -> dict[str, Any]:
+    section = _copy(dict(template))
+    section["description"] = method.description or f"Settings of the method {method.name!r}."
+    section["properties"]["entry"] = {
+        "description": "The entry point that returns this method (module:function).",
+        "type": "string",
+    }
+    del section["properties"]["lr_grid"]["default"]
+    section["required"] = ["entry", "lr_grid", *method.swept.values()]
+    for grid in method.swept.values():
+        section["properties"][grid] = {
+            "description": f"Values of {grid.removesuffix('_grid')} to try (swept with lr).",
+            "type": "array",
+            "minItems": 1,
+            "uniqueItems": True,
+            "items": {"type": "number"},
+        }
+    for key, default in method.options.items():
+        section["properties"][key] = {"description": f"Fixed option {key}.", "default": default}
+    return section
+
+
+def finetune_methods(config: Mapping[str, Any]) -> dict[str, Method]:
+    """{name: entry} of the fine-tuning methods the (validated) config runs, in its order."""
+    table = method_table(config["finetune"])
+    return {name: table[name] for name in config["methods"] if name in table}
+
+
+def grid_keys(method: Method) -> set[str]:
+    return {"lr_grid", *method.swept.values()}

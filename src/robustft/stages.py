@@ -33,7 +33,7 @@ from robustft.features import (
     write_features,
 )
 from robustft.io import atomic_path, sha256_file, write_csv, write_json
-from robustft.methods import WeightPenalty, apply_lora, distillation_objective, merged_copy
+from robustft.methods import resolve as resolve_method
 from robustft.models import (
     ImageClassifier,
     Preprocess,
@@ -52,9 +52,6 @@ from robustft.training import (
 )
 
 log = logging.getLogger(__name__)
-
-METHODS_WITH_PROBE_HEAD = ("lpft",)
-FINETUNE_METHODS = ("ft", "lpft", "l2sp", "l1sp", "kd", "lora")
 
 
 def environment_info() -> dict[str, Any]:
@@ -304,6 +301,21 @@ def check_probe_head(
     return sha256_file(path)
 
 
+def copy_probe_head(model: ImageClassifier, *, probe_dir: str | Path | None, method: str) -> None:
+    """Put the linear probe's head into `model` (LP-FT's start, KD's teacher)."""
+    if probe_dir is None:
+        raise ValueError(f"method {method!r} needs the probe's head (probe_dir)")
+    weight, bias = load_probe_head(probe_dir)
+    if tuple(weight.shape) != tuple(model.head.weight.shape):
+        raise ValueError(
+            f"{probe_dir}: probe head {tuple(weight.shape)} does not fit the "
+            f"model head {tuple(model.head.weight.shape)}"
+        )
+    with torch.no_grad():
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(bias)
+
+
 def run_finetune(
     *,
     method: str,
@@ -340,14 +352,12 @@ def run_finetune(
     backbone_kwargs: Mapping[str, float] | None = None,
     data_fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune with one of FINETUNE_METHODS, all through the one training loop.
-
-    ft: new random head, every parameter trains; lpft: head from the probe; l2sp / l1sp: as ft
-    plus a penalty toward the pretrained backbone (`alpha`, and `beta` on the head for l2sp);
-    kd: as ft with (1 − λ)·CE + λ·KL toward the pretrained backbone with the probe head
-    (`lambda`, `temperature`); lora: peft adapters on the backbone (`rank`, `lora_alpha`,
-    `target`), head trained in full, merged weights saved. `hparams` are the swept values
-    besides lr (they name the run folder), `method_options` the method's fixed settings.
+    """Fine-tune with one method of the method table (`robustft.methods`), all through the
+    one training loop: the entry's start (a new head or the probe's), its teacher (the
+    pretrained model with the probe head) and its `prepare` hook (loss, extra loss term,
+    trainable parameters, post-processing). `hparams` are the swept values besides lr (they
+    name the run folder), `method_options` the method's fixed settings (and a user method's
+    `entry`).
 
     `bn`, `bn_momentum`, `clip_grad_norm`, `eval_every`, `collapse_loss_factor`: see
     `training.TrainSettings`. A run that collapses is written like any other, with
@@ -371,8 +381,9 @@ def run_finetune(
     backbone, preprocess, backbone_meta = load_backbone(  # first: fail at once
         model_dir, preprocess=preprocess_overrides, backbone_kwargs=backbone_kwargs
     )
+    spec = resolve_method(method, method_options)
     probe_head_sha256 = None
-    if probe_dir is not None and method in ("lpft", "kd"):
+    if probe_dir is not None and spec.needs_probe_head:
         probe_head_sha256 = check_probe_head(
             probe_dir=probe_dir,
             model_dir=model_dir,
@@ -395,57 +406,23 @@ def run_finetune(
     num_classes = len(splits["train"].class_names)
     torch.manual_seed(seed)  # the new head's initialisation depends on the seed only
     model = ImageClassifier(backbone=backbone, num_classes=num_classes, preprocess=preprocess)
-    if method in METHODS_WITH_PROBE_HEAD:
-        if probe_dir is None:
-            raise ValueError(f"method {method!r} needs the probe's head (probe_dir)")
-        weight, bias = load_probe_head(probe_dir)
-        if tuple(weight.shape) != tuple(model.head.weight.shape):
-            raise ValueError(
-                f"{probe_dir}: probe head {tuple(weight.shape)} does not fit the "
-                f"model head {tuple(model.head.weight.shape)}"
-            )
-        with torch.no_grad():
-            model.head.weight.copy_(weight)
-            model.head.bias.copy_(bias)
-    elif method not in FINETUNE_METHODS:
-        raise ValueError(
-            f"unknown fine-tuning method {method!r}; known: {', '.join(FINETUNE_METHODS)}"
-        )
+    if spec.start == "probe_head":
+        copy_probe_head(model, probe_dir=probe_dir, method=method)
     hparams = {key: float(value) for key, value in (hparams or {}).items()}
     options = {**(method_options or {}), **hparams}
-    loss_fn, extra_loss = None, None
-    if method in ("l2sp", "l1sp"):
-        extra_loss = WeightPenalty(
-            model=model,
-            kind=method[:2],
-            alpha=_option(options, "alpha", method),
-            beta=float(options.get("beta", 0.0)) if method == "l2sp" else 0.0,
-        )
-    elif method == "kd":
+    teacher = None
+    if spec.teacher:
         if probe_dir is None:
-            raise ValueError("method 'kd' needs the probe's head (probe_dir) for its teacher")
+            raise ValueError(
+                f"method {method!r} needs the probe's head (probe_dir) for its teacher"
+            )
         teacher_backbone, _, _ = load_backbone(model_dir)
         teacher = ImageClassifier(
             backbone=teacher_backbone, num_classes=num_classes, preprocess=preprocess
         )
-        weight, bias = load_probe_head(probe_dir)
-        if tuple(weight.shape) != tuple(teacher.head.weight.shape):
-            raise ValueError(f"{probe_dir}: probe head {tuple(weight.shape)} does not fit")
-        with torch.no_grad():
-            teacher.head.weight.copy_(weight)
-            teacher.head.bias.copy_(bias)
-        loss_fn, extra_loss = distillation_objective(
-            teacher=teacher,
-            weight=_option(options, "lambda", method),
-            temperature=_option(options, "temperature", method),
-        )
-    elif method == "lora":
-        apply_lora(
-            model,
-            rank=int(_option(options, "rank", method)),
-            alpha=_option(options, "lora_alpha", method),
-            target=str(options.get("target", "auto")),
-        )
+        copy_probe_head(teacher, probe_dir=probe_dir, method=method)
+    setup = spec.hook()(model=model, options=options, teacher=teacher)
+    loss_fn, extra_loss = setup.loss_fn, setup.extra_loss
     settings = TrainSettings(
         epochs=epochs,
         lr=lr,
@@ -503,8 +480,8 @@ def run_finetune(
     out_dir = Path(out_dir)
 
     def plain(trained: torch.nn.Module) -> torch.nn.Module:
-        # LoRA runs are saved merged: the plain architecture every later rule loads.
-        return merged_copy(trained) if method == "lora" else trained
+        # What is saved: e.g. LoRA's adapters merged into the plain architecture.
+        return setup.finalize(trained) if setup.finalize is not None else trained
 
     def keep_checkpoint(epoch: int, trained: torch.nn.Module) -> None:
         if epoch in save_epochs:
@@ -763,12 +740,6 @@ def run_zeroshot(
     )
     write_json(out_dir / "metrics.json", metrics)
     return metrics
-
-
-def _option(options: Mapping[str, Any], key: str, method: str) -> float:
-    if options.get(key) is None:
-        raise ValueError(f"method {method!r} needs config key 'finetune.{method}.{key}'")
-    return float(options[key])
 
 
 def train_baseline(

@@ -14,8 +14,8 @@ os.environ.update(
 )
 
 from robustft.config import (
-    GRID_KEYS,
-    SWEPT_HPARAMS,
+    finetune_methods,
+    grid_keys,
     ConfigError,
     format_hparam,
     hparam_folder,
@@ -26,6 +26,7 @@ from robustft.data.registry import ID_SPLITS, dataset_options, dataset_sources
 from robustft.data.fingerprint import cache_name as fingerprint_cache_name
 from robustft.data.fingerprint import tree_fingerprint
 from robustft.data.sources import SOURCES, source_root
+from robustft.methods import method_table
 from robustft.zeroshot import CLIP_TEXT_TOWERS
 
 try:
@@ -56,11 +57,10 @@ for _dataset, _options in DATASET_OPTIONS.items():
             )
 
 TOYSHIFT_DOMAINS = ("real", "clipart", "sketch", "painting")
-# Methods with fine-tuning runs; lp (probe) and wiseft (weight interpolation of the selected
-# ft/lpft runs) have rules of their own.
-FINETUNE_METHODS = [
-    m for m in config["methods"] if m not in ("lp", "wiseft", "zeroshot")
-]
+# The fine-tuning methods this config runs, from the method table (robustft.methods): lp,
+# wiseft and zeroshot have rules of their own. Nothing here names a fine-tuning method.
+METHOD_TABLE = method_table(config["finetune"])
+FINETUNE_METHODS = list(finetune_methods(config))
 WISEFT_METHODS = [m for m in config["wiseft"]["methods"] if m in FINETUNE_METHODS]
 LOGS = "results/logs"
 # One manifest per dataset (rule fingerprint_dataset); listings cached between runs.
@@ -313,8 +313,9 @@ def get_run_grid(method, dataset):
     rank), each value in its one canonical spelling, e.g. lr0.01-alpha0.1."""
     from itertools import product
 
-    names = list(SWEPT_HPARAMS[method])
-    grids = [config["finetune"][method][SWEPT_HPARAMS[method][name]] for name in names]
+    swept = METHOD_TABLE[method].swept
+    names = list(swept)
+    grids = [config["finetune"][method][swept[name]] for name in names]
     return [
         hparam_folder({"lr": lr, **dict(zip(names, values))})
         for lr in get_lr_grid(method, dataset)
@@ -336,7 +337,7 @@ def get_finetune_settings(method, dataset):
     shared = {
         key: value
         for key, value in config["finetune"].items()
-        if key not in {*SWEPT_HPARAMS, "checkpoint_minutes"}
+        if key not in {*METHOD_TABLE, "checkpoint_minutes"}
     }
     own = config["finetune"][method]
     # The method's fixed settings (β, temperature, LoRA alpha and target); the swept ones
@@ -345,13 +346,13 @@ def get_finetune_settings(method, dataset):
     method_options = {
         key: value
         for key, value in own.items()
-        if key not in GRID_KEYS and key not in loop_keys
+        if key not in grid_keys(METHOD_TABLE[method]) and key not in loop_keys
     }
     dataset_own = get_finetune_overrides(dataset)
     overrides = {
         key: value
         for key, value in dataset_own.items()
-        if key not in SWEPT_HPARAMS and value is not None
+        if key not in METHOD_TABLE and value is not None
     }
     method_own = dataset_own.get(method) or {}
     loop = {
@@ -382,7 +383,7 @@ def get_probe_files(wildcards):
     folder = (
         f"results/probe/{wildcards.backbone}/{wildcards.dataset}/seed{wildcards.seed}"
     )
-    if wildcards.method in ("lpft", "kd"):  # LP-FT's initial head, KD's teacher head
+    if METHOD_TABLE[wildcards.method].needs_probe_head:  # LP-FT's start, KD's teacher
         return {"probe_head": f"{folder}/head.safetensors"}
     return {}
 

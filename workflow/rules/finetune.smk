@@ -1,5 +1,5 @@
 # Fine-tuning (FT, LP-FT, L2-SP, L1-SP, KD, LoRA): one run per method, point of its sweep
-# ({run} = lr0.01 or lr0.01-alpha0.1, see config.SWEPT_HPARAMS) and seed; then the best point.
+# ({run} = lr0.01 or lr0.01-alpha0.1, see robustft.methods) and seed; then the best point.
 
 
 rule finetune:

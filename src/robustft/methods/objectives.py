@@ -1,4 +1,4 @@
-"""Feature-protection methods as options of the one training loop (Tan et al. 2024).
+"""The losses and adapters of the feature-protection methods (Tan et al. 2024).
 
 Each method is an initialisation, a choice of trainable parameters, or an extra loss term for
 `training.train_classifier` (its `extra_loss` hook):
