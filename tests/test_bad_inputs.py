@@ -62,6 +62,38 @@ CONFIG_CASES = {
         "'finetune.lpft.freeze_bn' was replaced by 'finetune.lpft.bn'",
     ),
     "unknown subset source": (["--config", "allow_subset=[imagenet,imagenett]"], "allow_subset[1]"),
+    "method entry not importable": (
+        ["--config", "finetune={'mine': {'entry': 'nosuchpkg.methods:make', 'lr_grid': [0.01]}}"],
+        "config key 'finetune.mine.entry': cannot import 'nosuchpkg.methods'",
+    ),
+    "method entry returns no method": (
+        ["--config", "finetune={'mine': {'entry': 'time:time', 'lr_grid': [0.01]}}"],
+        "config key 'finetune.mine.entry': time:time returned float, not a robustft Method",
+    ),
+    "method grid not declared": (
+        [
+            "--config",
+            f"finetune={{'mine': {{'entry': '{ROOT}/examples/freeze_early.py:make_method', "
+            "'lr_grid': [0.01], 'frozen_grid': [0.5], 'alpha_grid': [0.1]}}",
+        ],
+        "unknown config key 'alpha_grid' under 'finetune.mine'",
+    ),
+    "method grid missing": (
+        [
+            "--config",
+            f"finetune={{'mine': {{'entry': '{ROOT}/examples/freeze_early.py:make_method', "
+            "'lr_grid': [0.01]}}",
+        ],
+        "'frozen_grid' is a required property",
+    ),
+    "method hook off the protocol": (
+        [
+            "--config",
+            f"finetune={{'mine': {{'entry': '{ROOT}/tests/method_fixtures.py:off_protocol', "
+            "'lr_grid': [0.01]}}",
+        ],
+        "does not take options, teacher; the protocol is prepare(*, model, options, teacher)",
+    ),
     "unknown BatchNorm mode": (["--config", "finetune={'ft': {'bn': 'eval'}}"], "finetune.ft.bn"),
     "negative clipping": (
         ["--config", "finetune={'lpft': {'clip_grad_norm': -5}}"],

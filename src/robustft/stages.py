@@ -375,8 +375,8 @@ def run_finetune(
     when a job fails).
 
     `data_fingerprint` (the data manifest's): recorded in config.json and metrics.json with
-    the backbone's weights_sha256 and the probe head's SHA-256; a probe head (lpft, kd) must
-    record the same weights and data (`check_probe_head`).
+    the backbone's weights_sha256 and the probe head's SHA-256; a probe head (a method's start
+    or its teacher's head) must record the same weights and data (`check_probe_head`).
     """
     backbone, preprocess, backbone_meta = load_backbone(  # first: fail at once
         model_dir, preprocess=preprocess_overrides, backbone_kwargs=backbone_kwargs

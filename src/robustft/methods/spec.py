@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,12 +166,12 @@ def user_method(name: str, entry: str) -> Method:
             f"{where}: {entry} returned {type(method).__name__}, not a robustft Method "
             "(robustft.methods.Method)"
         )
-    if method.name != name:
-        raise MethodError(f"{where}: {entry} returned method {method.name!r}, not {name!r}")
+    method = replace(method, name=name)  # the config's name is the method's name
     if method.start not in STARTS:
         raise MethodError(f"{where}: start {method.start!r} is not one of {list(STARTS)}")
     if not (callable(method.prepare) or isinstance(method.prepare, str)):
         raise MethodError(f"{where}: prepare must be a function or 'module:function'")
+    _check_hook(method.hook() if isinstance(method.prepare, str) else method.prepare, where)
     for key, grid in method.swept.items():
         if not (key.isalpha() and key.islower() and key != "lr") or not grid.endswith("_grid"):
             raise MethodError(
@@ -178,6 +179,24 @@ def user_method(name: str, entry: str) -> Method:
                 "grids end in _grid"
             )
     return method
+
+
+def _check_hook(hook: Callable[..., Any], where: str) -> None:
+    """prepare(*, model, options, teacher) -> Setup: the keywords the stage passes."""
+    try:
+        signature = inspect.signature(hook)
+    except (TypeError, ValueError):
+        return  # a builtin or C callable: trust it
+    parameters = signature.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    names = {p.name for p in parameters if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
+    missing = [name for name in ("model", "options", "teacher") if name not in names]
+    if missing:
+        raise MethodError(
+            f"{where}: prepare{signature} does not take {', '.join(missing)}; the protocol is "
+            "prepare(*, model, options, teacher) -> Setup"
+        )
 
 
 def method_table(finetune: Mapping[str, Any] | None = None) -> dict[str, Method]:
