@@ -3,8 +3,9 @@
 Split names: `train`, `val`, `test` are in-distribution (ID); every other split is an
 out-of-distribution (OOD) test set, named after its domain or source. Labels of every split are
 in the setting's ID label space. A split is either `ImageArrays` (uint8 images in memory: the
-toy data, CIFAR, STL) or `ImageFiles` (paths decoded later, in DataLoader workers);
-`robustft.data.datasets.as_torch_dataset` turns either into a torch Dataset.
+toy data, CIFAR, STL) or `ImageFiles` (paths decoded later, in DataLoader workers), both in
+`robustft.data.splits`; `robustft.data.datasets.as_torch_dataset` turns either into a torch
+Dataset.
 
 Imported by the workflow at parse time: numpy only, no torch.
 """
@@ -12,13 +13,14 @@ Imported by the workflow at parse time: numpy only, no torch.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from robustft.data import readers
+from robustft.data.imagefolder import load_imagefolder_split
 from robustft.data.sources import (
     SOURCES,
     SizeMismatch,
@@ -27,33 +29,16 @@ from robustft.data.sources import (
     official_classes,
 )
 
-ID_SPLITS = ("train", "val", "test")
+# Re-exported: the split types and helpers live in `splits`; callers import them from here too.
+from robustft.data.splits import ID_SPLITS as ID_SPLITS
+from robustft.data.splits import ImageArrays as ImageArrays
+from robustft.data.splits import ImageFiles as ImageFiles
+from robustft.data.splits import Split as Split
+from robustft.data.splits import carve_val as carve_val
+from robustft.data.splits import split_column as split_column
+from robustft.data.splits import take as take
+
 TRANSFORMS = ("resize", "resize_center_crop", "random_resized_crop", "resize_random_crop")
-
-
-@dataclass(frozen=True)
-class ImageArrays:
-    images: np.ndarray  # uint8 (N, H, W, 3)
-    labels: np.ndarray  # int64 (N,)
-    class_names: tuple[str, ...]
-    # ID class indices this split is scored over (argmax over these only); None = all.
-    class_subset: tuple[int, ...] | None = None
-    # Group of every ID class: a prediction is right when its group is the label's (ObjectNet:
-    # several ImageNet classes make one ObjectNet class); None = the classes themselves.
-    class_groups: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class ImageFiles:
-    paths: tuple[str, ...]
-    labels: np.ndarray  # int64 (N,)
-    class_names: tuple[str, ...]
-    class_subset: tuple[int, ...] | None = None
-    class_groups: tuple[int, ...] | None = None
-    border: int = 0  # pixels cropped off every side before the transform (ObjectNet: 2)
-
-
-Split = ImageArrays | ImageFiles
 
 
 @dataclass(frozen=True)
@@ -138,11 +123,6 @@ SETTINGS: dict[str, Setting] = {
 }
 BUILTIN = ("toyshift", *SETTINGS)
 DEFAULT_VAL_FRACTION = 0.1
-
-
-def split_column(split: str) -> str:
-    """History/metrics column of a split: id_val, id_test, ood_<name>."""
-    return f"id_{split}" if split in ID_SPLITS else f"ood_{split}"
 
 
 # --- resolving a setting from the config ------------------------------------------------
@@ -268,30 +248,6 @@ def dataset_files(dataset: str, *, root: str | Path) -> dict[str, Path]:
 # --- loading ------------------------------------------------------------------------------
 
 
-def carve_val(labels: np.ndarray, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, val indices): a stratified random `fraction` of each class goes to val
-    (at least one image of every class with two or more), the same for the same seed."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
-    rng = np.random.default_rng(seed)
-    val = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        count = len(members)
-        take = min(count - 1, max(1, round(fraction * count))) if count > 1 else 0
-        val.append(rng.permutation(members)[:take])
-    val_index = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
-    train_mask = np.ones(len(labels), dtype=bool)
-    train_mask[val_index] = False
-    return np.flatnonzero(train_mask), val_index
-
-
-def take(split: Split, index: np.ndarray) -> Split:
-    if isinstance(split, ImageArrays):
-        return replace(split, images=split.images[index], labels=split.labels[index])
-    return replace(split, paths=tuple(split.paths[i] for i in index), labels=split.labels[index])
-
-
 def load_split(
     *,
     dataset: str,
@@ -316,8 +272,6 @@ def load_split(
         )
     options = dict(options or dataset_options({}, dataset))
     if options["type"] == "imagefolder":
-        from robustft.data.imagefolder import load_imagefolder_split
-
         return load_imagefolder_split(split=split, options=options, dataset=dataset)
     if dataset not in SETTINGS:
         raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(BUILTIN)}")
