@@ -11,6 +11,15 @@ import numpy as np
 import pytest
 
 from robustft.data import toyshift, toyshift_format
+from robustft.data.registry import (
+    BUILTIN,
+    BUILTIN_SETTINGS,
+    GENERATED,
+    SETTINGS,
+    ImageArrays,
+    dataset_options,
+    load_split,
+)
 from robustft.data.toyshift_format import DOMAINS, ImageSplit
 
 TINY: dict[str, Any] = {
@@ -236,3 +245,43 @@ def test_the_generator_still_offers_the_readers() -> None:
     # Callers that read through `toyshift` (the generator) get the format module's functions.
     for name in ("read_split", "list_splits", "read_metadata", "class_names", "DOMAINS"):
         assert getattr(toyshift, name) is getattr(toyshift_format, name)
+
+
+def test_toyshift_is_a_generated_registry_entry() -> None:
+    toy = GENERATED["toyshift"]
+    assert BUILTIN[0] == "toyshift"
+    assert toy.generated and not any(setting.generated for setting in SETTINGS.values())
+    # Baseline models train on the in-memory settings (the workflow's BASELINE_DATASETS).
+    in_memory = [name for name, setting in BUILTIN_SETTINGS.items() if setting.in_memory]
+    assert in_memory == ["toyshift", "cifar10_stl", "cifar10_cifar101"]
+    assert toy.task_file == "resources/datasets/toyshift/task.h5"
+    assert toy.domains == DOMAINS
+
+
+@pytest.mark.parametrize(
+    ("id_domain", "ood"),
+    [
+        (None, ["real", "clipart", "painting"]),  # the schema's default: sketch
+        ("sketch", ["real", "clipart", "painting"]),
+        ("real", ["clipart", "sketch", "painting"]),
+    ],
+)
+def test_ood_splits_are_the_other_domains(id_domain: str | None, ood: list[str]) -> None:
+    config = {"toyshift": {"id_domain": id_domain}} if id_domain else {}
+    assert GENERATED["toyshift"].ood_splits(config) == ood
+    options = dataset_options(config, "toyshift")
+    assert options["ood_splits"] == ood
+    assert (options["train_transform"], options["eval_transform"]) == ("resize", "resize")
+
+
+def test_the_registry_reads_every_split_of_the_task_file(files: tuple[Path, Path]) -> None:
+    task = files[1]
+    splits = toyshift_format.list_splits(task)
+    assert splits == ["train", "val", "test", *GENERATED["toyshift"].ood_splits({})]
+    for split in splits:
+        loaded = load_split(dataset="toyshift", split=split, root=task.parent)
+        stored = toyshift_format.read_split(task, split)
+        assert isinstance(loaded, ImageArrays)
+        np.testing.assert_array_equal(loaded.images, stored.images)
+        np.testing.assert_array_equal(loaded.labels, stored.labels)
+        assert loaded.class_names == tuple(toyshift_format.class_names(task))
