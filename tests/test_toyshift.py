@@ -10,8 +10,17 @@ import h5py
 import numpy as np
 import pytest
 
-from robustft.data import toyshift
-from robustft.data.toyshift import DOMAINS, ImageSplit
+from robustft.data import toyshift, toyshift_format
+from robustft.data.registry import (
+    BUILTIN,
+    BUILTIN_SETTINGS,
+    GENERATED,
+    SETTINGS,
+    ImageArrays,
+    dataset_options,
+    load_split,
+)
+from robustft.data.toyshift_format import DOMAINS, ImageSplit
 
 TINY: dict[str, Any] = {
     "image_size": 16,
@@ -148,9 +157,9 @@ def test_invalid_arguments(bad: dict[str, Any]) -> None:
 def test_round_trip(files: tuple[Path, Path], tiny: Splits) -> None:
     pretrain_path, task_path = files
     for path, splits in ((pretrain_path, tiny[0]), (task_path, tiny[1])):
-        assert toyshift.list_splits(path) == list(splits)
-        assert_same(splits, {name: toyshift.read_split(path, name) for name in splits})
-    meta = toyshift.read_metadata(task_path)
+        assert toyshift_format.list_splits(path) == list(splits)
+        assert_same(splits, {name: toyshift_format.read_split(path, name) for name in splits})
+    meta = toyshift_format.read_metadata(task_path)
     assert meta["format"] == toyshift.FORMAT
     assert meta["seed"] == 0 and meta["image_size"] == 16 and meta["id_domain"] == "sketch"
     assert meta["domains"] == list(DOMAINS)
@@ -159,8 +168,8 @@ def test_round_trip(files: tuple[Path, Path], tiny: Splits) -> None:
 
 
 def test_class_names_are_disjoint(files: tuple[Path, Path]) -> None:
-    pretrain_names = toyshift.class_names(files[0])
-    task_names = toyshift.class_names(files[1])
+    pretrain_names = toyshift_format.class_names(files[0])
+    task_names = toyshift_format.class_names(files[1])
     assert len(pretrain_names) == 3 and len(task_names) == 2
     assert not set(pretrain_names) & set(task_names)
 
@@ -186,8 +195,8 @@ def test_flipped_label_bytes_are_detected(files: tuple[Path, Path], tmp_path: Pa
     raw[offset] ^= 0x01  # label 0 changes to another valid class
     path.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=re.escape(str(path)) + r".*train.*sha256"):
-        toyshift.read_split(path, "train")
-    toyshift.read_split(path, "val")  # the other splits still read
+        toyshift_format.read_split(path, "train")
+    toyshift_format.read_split(path, "val")  # the other splits still read
 
 
 def test_edited_image_is_detected(files: tuple[Path, Path], tmp_path: Path) -> None:
@@ -196,7 +205,7 @@ def test_edited_image_is_detected(files: tuple[Path, Path], tmp_path: Path) -> N
         images = f["val/images"]
         images[0, 0, 0, 0] = (int(images[0, 0, 0, 0]) + 1) % 256
     with pytest.raises(ValueError, match=re.escape(str(path)) + r".*val"):
-        toyshift.read_split(path, "val")
+        toyshift_format.read_split(path, "val")
 
 
 def test_out_of_range_label_is_detected(files: tuple[Path, Path], tmp_path: Path) -> None:
@@ -204,7 +213,7 @@ def test_out_of_range_label_is_detected(files: tuple[Path, Path], tmp_path: Path
     with h5py.File(path, "r+") as f:
         f["test/labels"][0] = 7
     with pytest.raises(ValueError, match=r"test.*labels outside"):
-        toyshift.read_split(path, "test")
+        toyshift_format.read_split(path, "test")
 
 
 def test_missing_dataset_is_named(files: tuple[Path, Path], tmp_path: Path) -> None:
@@ -212,12 +221,12 @@ def test_missing_dataset_is_named(files: tuple[Path, Path], tmp_path: Path) -> N
     with h5py.File(path, "r+") as f:
         del f["real/labels"]
     with pytest.raises(ValueError, match=re.escape(str(path)) + r".*real.*labels"):
-        toyshift.read_split(path, "real")
+        toyshift_format.read_split(path, "real")
 
 
 def test_missing_split_lists_the_available_ones(files: tuple[Path, Path]) -> None:
     with pytest.raises(ValueError, match=r"no split 'ood'; available: train, val, test, real"):
-        toyshift.read_split(files[1], "ood")
+        toyshift_format.read_split(files[1], "ood")
 
 
 def test_foreign_file_is_rejected(tmp_path: Path) -> None:
@@ -225,8 +234,54 @@ def test_foreign_file_is_rejected(tmp_path: Path) -> None:
     with h5py.File(path, "w") as f:
         f.create_dataset("x", data=np.zeros(3))
     with pytest.raises(ValueError, match=re.escape(str(path))):
-        toyshift.read_split(path, "train")
+        toyshift_format.read_split(path, "train")
     not_hdf5 = tmp_path / "text.h5"
     not_hdf5.write_text("hello")
     with pytest.raises(ValueError, match=re.escape(str(not_hdf5))):
-        toyshift.list_splits(not_hdf5)
+        toyshift_format.list_splits(not_hdf5)
+
+
+def test_the_generator_still_offers_the_readers() -> None:
+    # Callers that read through `toyshift` (the generator) get the format module's functions.
+    for name in ("read_split", "list_splits", "read_metadata", "class_names", "DOMAINS"):
+        assert getattr(toyshift, name) is getattr(toyshift_format, name)
+
+
+def test_toyshift_is_a_generated_registry_entry() -> None:
+    toy = GENERATED["toyshift"]
+    assert BUILTIN[0] == "toyshift"
+    assert toy.generated and not any(setting.generated for setting in SETTINGS.values())
+    # Baseline models train on the in-memory settings (the workflow's BASELINE_DATASETS).
+    in_memory = [name for name, setting in BUILTIN_SETTINGS.items() if setting.in_memory]
+    assert in_memory == ["toyshift", "cifar10_stl", "cifar10_cifar101"]
+    assert toy.task_file == "resources/datasets/toyshift/task.h5"
+    assert toy.domains == DOMAINS
+
+
+@pytest.mark.parametrize(
+    ("id_domain", "ood"),
+    [
+        (None, ["real", "clipart", "painting"]),  # the schema's default: sketch
+        ("sketch", ["real", "clipart", "painting"]),
+        ("real", ["clipart", "sketch", "painting"]),
+    ],
+)
+def test_ood_splits_are_the_other_domains(id_domain: str | None, ood: list[str]) -> None:
+    config = {"toyshift": {"id_domain": id_domain}} if id_domain else {}
+    assert GENERATED["toyshift"].ood_splits(config) == ood
+    options = dataset_options(config, "toyshift")
+    assert options["ood_splits"] == ood
+    assert (options["train_transform"], options["eval_transform"]) == ("resize", "resize")
+
+
+def test_the_registry_reads_every_split_of_the_task_file(files: tuple[Path, Path]) -> None:
+    task = files[1]
+    splits = toyshift_format.list_splits(task)
+    assert splits == ["train", "val", "test", *GENERATED["toyshift"].ood_splits({})]
+    for split in splits:
+        loaded = load_split(dataset="toyshift", split=split, root=task.parent)
+        stored = toyshift_format.read_split(task, split)
+        assert isinstance(loaded, ImageArrays)
+        np.testing.assert_array_equal(loaded.images, stored.images)
+        np.testing.assert_array_equal(loaded.labels, stored.labels)
+        assert loaded.class_names == tuple(toyshift_format.class_names(task))

@@ -22,7 +22,13 @@ from robustft.config import (
     load_schema,
     validate_config,
 )
-from robustft.data.registry import ID_SPLITS, dataset_options, dataset_sources
+from robustft.data.registry import (
+    BUILTIN_SETTINGS,
+    GENERATED,
+    ID_SPLITS,
+    dataset_options,
+    dataset_sources,
+)
 from robustft.data.fingerprint import cache_name as fingerprint_cache_name
 from robustft.data.fingerprint import tree_fingerprint
 from robustft.data.sources import SOURCES, source_root
@@ -56,7 +62,6 @@ for _dataset, _options in DATASET_OPTIONS.items():
                 f"{_dataset!r} ({SOURCES[_source].how_to_get})"
             )
 
-TOYSHIFT_DOMAINS = ("real", "clipart", "sketch", "painting")
 # The fine-tuning methods this config runs, from the method table (robustft.methods): lp,
 # wiseft and zeroshot have rules of their own. Nothing here names a fine-tuning method.
 METHOD_TABLE = method_table(config["finetune"])
@@ -79,9 +84,6 @@ def _alternatives(values):
 
 def get_ood_splits(dataset):
     """OOD test splits of a dataset, named after their domain or source."""
-    if dataset == "toyshift":
-        id_domain = config["toyshift"]["id_domain"]
-        return [domain for domain in TOYSHIFT_DOMAINS if domain != id_domain]
     return list(DATASET_OPTIONS[dataset]["ood_splits"])
 
 
@@ -90,7 +92,8 @@ def get_splits(dataset):
 
 
 def get_sources(dataset):
-    """The data sources (download units) a dataset reads; none for toyshift and imagefolder."""
+    """The data sources (download units) a dataset reads; none for generated settings
+    (toyshift) and imagefolder."""
     options = DATASET_OPTIONS[dataset]
     if options["type"] != "builtin":
         return []
@@ -107,8 +110,9 @@ def get_source_input(source):
 
 def get_data_sources(wildcards):
     """The prepared files or folders a dataset's reader loads (downloads, layout checks)."""
-    if wildcards.dataset == "toyshift":
-        return {"task": "resources/datasets/toyshift/task.h5"}
+    generated = GENERATED.get(wildcards.dataset)
+    if generated:
+        return {"task": generated.task_file}
     return {
         f"source_{source}": get_source_input(source)
         for source in get_sources(wildcards.dataset)
@@ -126,12 +130,13 @@ def get_dataset_files(wildcards):
 
 def get_data_trees(dataset):
     """{name: (folder or file, whether the user owns it)} of the files a dataset is made of:
-    the toyshift task file, the sources, or an imagefolder root. User-owned ones (`paths:`
+    a generated task file, the sources, or an imagefolder root. User-owned ones (`paths:`
     copies, imagefolder roots) are fingerprinted when the DAG is built; the workflow's own
-    (downloads, the toyshift task) when they are made."""
+    (downloads, generated tasks) when they are made."""
     options = DATASET_OPTIONS[dataset]
-    if dataset == "toyshift":
-        return {"task": ("resources/datasets/toyshift/task.h5", False)}
+    generated = GENERATED.get(dataset)
+    if generated:
+        return {"task": (generated.task_file, False)}
     if options["type"] == "imagefolder":
         return {"root": (options["root"], True)}
     return {
@@ -169,9 +174,10 @@ def get_user_data_fingerprints(wildcards):
 
 
 def get_data_root(wildcards):
-    """The toyshift folder, or {source: folder} for the real settings."""
-    if wildcards.dataset == "toyshift":
-        return "resources/datasets/toyshift"
+    """A generated setting's folder, or {source: folder} for the real settings."""
+    generated = GENERATED.get(wildcards.dataset)
+    if generated:
+        return generated.folder
     return {
         source: source_root(source, paths=config["paths"])
         for source in get_sources(wildcards.dataset)
@@ -487,7 +493,9 @@ def baseline_name(model):
 
 # Settings held in memory at their own small image size: baseline models train on these.
 # The others need a published line (baseline.lines) for effective robustness.
-BASELINE_DATASETS = ("toyshift", "cifar10_stl", "cifar10_cifar101")
+BASELINE_DATASETS = tuple(
+    name for name, setting in BUILTIN_SETTINGS.items() if setting.in_memory
+)
 
 
 def get_baseline_models(dataset):

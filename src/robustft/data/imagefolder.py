@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from robustft.data import readers
+from robustft.data.splits import ID_SPLITS, ImageFiles, carve_val, take
 
 log = logging.getLogger(__name__)
 DUPLICATES = ("error", "warn")
@@ -158,8 +159,6 @@ def _duplicates(listings: Mapping[str, _Listing]) -> list[str]:
 
 
 def load_imagefolder_split(*, split: str, options: Mapping[str, Any], dataset: str):
-    from robustft.data.registry import ID_SPLITS, ImageFiles, carve_val, take
-
     root = Path(options["root"])
     splits: dict[str, str] = dict(options["splits"])
     if split not in splits and split != "val":

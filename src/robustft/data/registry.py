@@ -3,22 +3,28 @@
 Split names: `train`, `val`, `test` are in-distribution (ID); every other split is an
 out-of-distribution (OOD) test set, named after its domain or source. Labels of every split are
 in the setting's ID label space. A split is either `ImageArrays` (uint8 images in memory: the
-toy data, CIFAR, STL) or `ImageFiles` (paths decoded later, in DataLoader workers);
-`robustft.data.datasets.as_torch_dataset` turns either into a torch Dataset.
+toy data, CIFAR, STL) or `ImageFiles` (paths decoded later, in DataLoader workers), both in
+`robustft.data.splits`; `robustft.data.datasets.as_torch_dataset` turns either into a torch
+Dataset.
 
-Imported by the workflow at parse time: numpy only, no torch.
+Every built-in setting is one registry entry: `SETTINGS` (read from downloaded or existing
+sources) and `GENERATED` (made by the workflow from a seed: toyshift). Code asks an entry
+(`generated`, `in_memory`, `ood_splits`) rather than comparing dataset names.
+
+Imported by the workflow at parse time: numpy and h5py (the toyshift file format), no torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from robustft.data import readers
+from robustft.data import readers, toyshift_format
+from robustft.data.imagefolder import load_imagefolder_split
 from robustft.data.sources import (
     SOURCES,
     SizeMismatch,
@@ -27,33 +33,16 @@ from robustft.data.sources import (
     official_classes,
 )
 
-ID_SPLITS = ("train", "val", "test")
+# Re-exported: the split types and helpers live in `splits`; callers import them from here too.
+from robustft.data.splits import ID_SPLITS as ID_SPLITS
+from robustft.data.splits import ImageArrays as ImageArrays
+from robustft.data.splits import ImageFiles as ImageFiles
+from robustft.data.splits import Split as Split
+from robustft.data.splits import carve_val as carve_val
+from robustft.data.splits import split_column as split_column
+from robustft.data.splits import take as take
+
 TRANSFORMS = ("resize", "resize_center_crop", "random_resized_crop", "resize_random_crop")
-
-
-@dataclass(frozen=True)
-class ImageArrays:
-    images: np.ndarray  # uint8 (N, H, W, 3)
-    labels: np.ndarray  # int64 (N,)
-    class_names: tuple[str, ...]
-    # ID class indices this split is scored over (argmax over these only); None = all.
-    class_subset: tuple[int, ...] | None = None
-    # Group of every ID class: a prediction is right when its group is the label's (ObjectNet:
-    # several ImageNet classes make one ObjectNet class); None = the classes themselves.
-    class_groups: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class ImageFiles:
-    paths: tuple[str, ...]
-    labels: np.ndarray  # int64 (N,)
-    class_names: tuple[str, ...]
-    class_subset: tuple[int, ...] | None = None
-    class_groups: tuple[int, ...] | None = None
-    border: int = 0  # pixels cropped off every side before the transform (ObjectNet: 2)
-
-
-Split = ImageArrays | ImageFiles
 
 
 @dataclass(frozen=True)
@@ -68,7 +57,11 @@ class Setting:
     has_val: bool = False  # False: `val` is carved from ID train (val_fraction, split_seed)
     optional_splits: tuple[str, ...] = ()  # OOD splits used by default only if configured
     extra_sources: tuple[str, ...] = ()  # read for every split (BREEDS class maps)
+    # Images held in memory at their own small size (ImageArrays): baseline models train on
+    # these; the others need a published line (baseline.lines) for effective robustness.
+    in_memory: bool = False
     description: str = ""
+    generated: ClassVar[bool] = False
 
 
 SETTINGS: dict[str, Setting] = {
@@ -80,6 +73,7 @@ SETTINGS: dict[str, Setting] = {
             ood_sources={"stl": "stl10"},
             train_transform="resize",
             eval_transform="resize",
+            in_memory=True,
             description="CIFAR-10 → STL-10 test (STL→CIFAR label map, monkey dropped)",
         ),
         Setting(
@@ -88,6 +82,7 @@ SETTINGS: dict[str, Setting] = {
             ood_sources={"cifar101": "cifar101"},
             train_transform="resize",
             eval_transform="resize",
+            in_memory=True,
             description="CIFAR-10 → CIFAR-10.1 v6",
         ),
         *(
@@ -136,13 +131,66 @@ SETTINGS: dict[str, Setting] = {
         ),
     )
 }
-BUILTIN = ("toyshift", *SETTINGS)
+
+
+@dataclass(frozen=True)
+class GeneratedSetting:
+    """A setting the workflow generates from a seed (rule generate_<name>) into HDF5 files of
+    the toyshift format in `folder`: task.h5 (ID train, val, test, then one OOD split per
+    other domain) and pretrain.h5. The config key of its name holds the generator's settings,
+    `id_domain` among them; every other domain is an OOD split."""
+
+    name: str
+    folder: str  # relative to the workflow's working directory
+    domains: tuple[str, ...]
+    default_id_domain: str  # when the config names none (the schema's default)
+    train_transform: str = "resize"
+    eval_transform: str = "resize"
+    description: str = ""
+    generated: ClassVar[bool] = True
+    in_memory: ClassVar[bool] = True
+
+    @property
+    def task_file(self) -> str:
+        """The file the workflow's jobs read (relative to the working directory)."""
+        return f"{self.folder}/task.h5"
+
+    def files(self, *, root: str | Path) -> dict[str, Path]:
+        """The generated files under `root` (the setting's folder wherever it is)."""
+        root = Path(root)
+        return {"task": root / "task.h5", "pretrain": root / "pretrain.h5"}
+
+    def ood_splits(self, config: Mapping[str, Any]) -> list[str]:
+        """The domains other than the configured ID domain, in the generator's order."""
+        id_domain = (config.get(self.name) or {}).get("id_domain") or self.default_id_domain
+        return [domain for domain in self.domains if domain != id_domain]
+
+    def load(self, *, split: str, root: str | Path) -> ImageArrays:
+        task = self.files(root=root)["task"]
+        arrays = toyshift_format.read_split(task, split)
+        return ImageArrays(
+            images=arrays.images,
+            labels=arrays.labels,
+            class_names=tuple(toyshift_format.class_names(task)),
+        )
+
+
+GENERATED: dict[str, GeneratedSetting] = {
+    setting.name: setting
+    for setting in (
+        GeneratedSetting(
+            name="toyshift",
+            folder="resources/datasets/toyshift",
+            domains=toyshift_format.DOMAINS,
+            default_id_domain="sketch",
+            description="toyshift: procedural shapes, the ID domain → the other three",
+        ),
+    )
+}
+# Every built-in setting by name, the generated ones first.
+BUILTIN_SETTINGS: dict[str, Setting | GeneratedSetting] = {**GENERATED, **SETTINGS}
+BUILTIN = tuple(BUILTIN_SETTINGS)
 DEFAULT_VAL_FRACTION = 0.1
-
-
-def split_column(split: str) -> str:
-    """History/metrics column of a split: id_val, id_test, ood_<name>."""
-    return f"id_{split}" if split in ID_SPLITS else f"ood_{split}"
 
 
 # --- resolving a setting from the config ------------------------------------------------
@@ -194,8 +242,14 @@ def dataset_options(config: Mapping[str, Any], dataset: str) -> dict[str, Any]:
             duplicates=own.get("duplicates") or "error",
         )
         return options
-    if dataset == "toyshift":
-        options.update(ood_splits=None, train_transform="resize", eval_transform="resize")
+    if dataset in GENERATED:
+        # A generated setting's splits and transforms are fixed by its generator's config.
+        generated = GENERATED[dataset]
+        options.update(
+            ood_splits=generated.ood_splits(config),
+            train_transform=generated.train_transform,
+            eval_transform=generated.eval_transform,
+        )
         return options
     setting = SETTINGS[dataset]
     ood = own.get("ood_splits")
@@ -258,38 +312,13 @@ def source_splits(dataset: str, split: str) -> list[tuple[str, str]]:
 
 
 def dataset_files(dataset: str, *, root: str | Path) -> dict[str, Path]:
-    """The files the toyshift reader needs, relative to its resource folder."""
-    root = Path(root)
-    if dataset == "toyshift":
-        return {"task": root / "task.h5", "pretrain": root / "pretrain.h5"}
-    raise ValueError(f"unknown dataset {dataset!r}; known: toyshift")
+    """The files a generated setting's reader needs, relative to its resource folder."""
+    if dataset in GENERATED:
+        return GENERATED[dataset].files(root=root)
+    raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(GENERATED)}")
 
 
 # --- loading ------------------------------------------------------------------------------
-
-
-def carve_val(labels: np.ndarray, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, val indices): a stratified random `fraction` of each class goes to val
-    (at least one image of every class with two or more), the same for the same seed."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
-    rng = np.random.default_rng(seed)
-    val = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        count = len(members)
-        take = min(count - 1, max(1, round(fraction * count))) if count > 1 else 0
-        val.append(rng.permutation(members)[:take])
-    val_index = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
-    train_mask = np.ones(len(labels), dtype=bool)
-    train_mask[val_index] = False
-    return np.flatnonzero(train_mask), val_index
-
-
-def take(split: Split, index: np.ndarray) -> Split:
-    if isinstance(split, ImageArrays):
-        return replace(split, images=split.images[index], labels=split.labels[index])
-    return replace(split, paths=tuple(split.paths[i] for i in index), labels=split.labels[index])
 
 
 def load_split(
@@ -301,23 +330,13 @@ def load_split(
 ) -> Split:
     """Images and labels of one split, labels already in the ID label space.
 
-    `root`: the toyshift folder, or {source: folder} for the real settings (see
+    `root`: a generated setting's folder, or {source: folder} for the real settings (see
     `sources.SOURCES`). `options`: `dataset_options(config, dataset)` (defaults if None).
     """
-    if dataset == "toyshift":
-        from robustft.data import toyshift
-
-        task = dataset_files(dataset, root=root)["task"]  # type: ignore[arg-type]
-        arrays = toyshift.read_split(task, split)
-        return ImageArrays(
-            images=arrays.images,
-            labels=arrays.labels,
-            class_names=tuple(toyshift.class_names(task)),
-        )
+    if dataset in GENERATED:
+        return GENERATED[dataset].load(split=split, root=root)  # type: ignore[arg-type]
     options = dict(options or dataset_options({}, dataset))
     if options["type"] == "imagefolder":
-        from robustft.data.imagefolder import load_imagefolder_split
-
         return load_imagefolder_split(split=split, options=options, dataset=dataset)
     if dataset not in SETTINGS:
         raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(BUILTIN)}")

@@ -9,6 +9,8 @@ independently of the label, so the outline is the only signal that names the cla
 
 Every (file, split, domain) is generated from its own seed stream, so one seed always gives the
 same arrays and changing the size of one split leaves every other split untouched.
+
+The files' format, and reading them, is `toyshift_format` (small; no generator).
 """
 
 from __future__ import annotations
@@ -24,11 +26,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 from PIL import Image, ImageDraw
 
-from robustft.io import atomic_path, open_hdf5
+# The file format, and its readers re-exported: `toyshift.read_split` etc. keep working here.
+from robustft.data.toyshift_format import (
+    DOMAINS,
+    FORMAT,
+    FORMAT_VERSION,
+    ImageSplit,
+    class_names,
+    list_splits,
+    read_metadata,
+    read_split,
+    write_splits,
+)
 
 __all__ = [
     "DEFAULT_PRETRAIN_IMAGES_PER_CLASS",
@@ -46,15 +58,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DOMAINS: tuple[str, ...] = ("real", "clipart", "sketch", "painting")
 DEFAULT_PRETRAIN_IMAGES_PER_CLASS: Mapping[str, int] = {
     "real": 400,
     "clipart": 200,
     "painting": 200,
     "sketch": 150,
 }
-FORMAT = "robustft-toyshift"
-FORMAT_VERSION = 1
 
 _SS = 4  # supersampling factor: outlines are drawn at 4x and box-filtered down (antialiasing)
 _CHUNK = 256  # images per seed stream inside a split: bounds memory, fixes the RNG layout
@@ -80,19 +89,6 @@ _MAX_ROTATION = math.radians(25.0)
 # Scales every per-instance jitter of the class coefficients: the knob for how hard the task is
 # (at 1.0 a ResNet reaches about 99% ID accuracy, too close to the ceiling to compare methods).
 _JITTER = 1.6
-_DATASETS = ("images", "labels", "domains")
-
-
-@dataclass(frozen=True)
-class ImageSplit:
-    """Images (uint8 N×H×W×3), class labels and domain indices (into DOMAINS), both int64."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    domains: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
 
 
 # --------------------------------------------------------------------------- seeds
@@ -988,39 +984,7 @@ def generate_toyshift(
     return pretrain, task
 
 
-# --------------------------------------------------------------------------- HDF5 I/O
-
-
-def _digest(images: np.ndarray, labels: np.ndarray, domains: np.ndarray) -> str:
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
-    h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
-    h.update(np.ascontiguousarray(domains, dtype="<i8").tobytes())
-    return h.hexdigest()
-
-
-def _write_file(path: Path, splits: Mapping[str, ImageSplit], attrs: Mapping[str, Any]) -> None:
-    # The HDF5 file closes before atomic_path renames it; track_order keeps the splits in the
-    # order written (train, val, test, then the OOD domains).
-    with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
-        for key, value in attrs.items():
-            f.attrs[key] = value
-        for name, split in splits.items():
-            group = f.create_group(name)
-            n = len(split)
-            options: dict[str, Any] = {}
-            if n:
-                options = {
-                    "chunks": (min(n, 256), *split.images.shape[1:]),
-                    "compression": "gzip",
-                    "compression_opts": 1,
-                }
-            group.create_dataset("images", data=split.images, **options)
-            # Labels and domains stay contiguous and uncompressed: small, and easy to audit.
-            group.create_dataset("labels", data=split.labels.astype("<i8"))
-            group.create_dataset("domains", data=split.domains.astype("<i8"))
-            group.attrs["sha256"] = _digest(split.images, split.labels, split.domains)
-            group.attrs["count"] = n
+# --------------------------------------------------------------------------- writing
 
 
 def write_toyshift(
@@ -1054,11 +1018,13 @@ def write_toyshift(
         # Everything the arrays depend on, for provenance.
         "generator_params": json.dumps(params, sort_keys=True, default=int),
     }
-    _write_file(Path(pretrain_path), pretrain, {**common, "class_names": names[:n_pre]})
-    _write_file(
-        Path(task_path),
-        task,
-        {**common, "class_names": names[n_pre:], "id_domain": str(params["id_domain"])},
+    write_splits(
+        path=Path(pretrain_path), splits=pretrain, attrs={**common, "class_names": names[:n_pre]}
+    )
+    write_splits(
+        path=Path(task_path),
+        splits=task,
+        attrs={**common, "class_names": names[n_pre:], "id_domain": str(params["id_domain"])},
     )
     log.info(
         "toyshift: wrote %s and %s (generation %.1f s, total %.1f s)",
@@ -1067,115 +1033,3 @@ def write_toyshift(
         generated,
         time.perf_counter() - started,
     )
-
-
-def _strings(value: Any) -> list[str]:
-    items = [value] if isinstance(value, str | bytes) else list(value)
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in items]
-
-
-def _attr(f: h5py.File, key: str) -> Any:
-    if key not in f.attrs:
-        raise ValueError(f"{f.filename}: file attribute {key!r} is missing")
-    value = f.attrs[key]
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _groups(f: h5py.File) -> list[str]:
-    return [name for name, item in f.items() if isinstance(item, h5py.Group)]
-
-
-def _open(path: str | Path) -> h5py.File:
-    f = open_hdf5(path)
-    fmt = f.attrs.get("format")
-    fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
-    version = f.attrs.get("format_version")
-    if fmt != FORMAT or version is None or int(version) != FORMAT_VERSION:
-        f.close()
-        raise ValueError(
-            f"{path}: not a {FORMAT} version {FORMAT_VERSION} file "
-            f"(format={fmt!r}, format_version={version!r})"
-        )
-    return f
-
-
-def list_splits(path: str | Path) -> list[str]:
-    """Split names in the order they were written."""
-    with _open(path) as f:
-        return _groups(f)
-
-
-def class_names(path: str | Path) -> list[str]:
-    """Class names; label i is class_names(path)[i]."""
-    with _open(path) as f:
-        return _strings(_attr(f, "class_names"))
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """File attributes (format, seed, image_size, domains, class_names, id_domain) and splits."""
-    with _open(path) as f:
-        meta: dict[str, Any] = {}
-        for key, value in f.attrs.items():
-            if key in ("domains", "class_names"):
-                meta[key] = _strings(value)
-            elif isinstance(value, bytes | str):
-                meta[key] = value.decode() if isinstance(value, bytes) else value
-            else:
-                meta[key] = value.item() if hasattr(value, "item") else value
-        if "generator_params" in meta:
-            meta["generator_params"] = json.loads(meta["generator_params"])
-        meta["splits"] = {name: int(f[name].attrs.get("count", -1)) for name in _groups(f)}
-        return meta
-
-
-def read_split(path: str | Path, split: str) -> ImageSplit:
-    """Read and verify one split; any mismatch raises ValueError naming the file and split."""
-    path = Path(path)
-    with _open(path) as f:
-        where = f"{path} [{split}]"
-        if not isinstance(f.get(split), h5py.Group):
-            available = ", ".join(_groups(f)) or "none"
-            raise ValueError(f"{path}: no split {split!r}; available: {available}")
-        group = f[split]
-        missing = [name for name in _DATASETS if name not in group]
-        if missing:
-            raise ValueError(
-                f"{where}: missing dataset(s) {missing}; available: {sorted(group.keys())}"
-            )
-        try:
-            images = group["images"][()]
-            labels = group["labels"][()]
-            domains = group["domains"][()]
-        except (OSError, RuntimeError) as error:
-            raise ValueError(f"{where}: unreadable data ({error})") from None
-        size = int(_attr(f, "image_size"))
-        n_classes = len(_strings(_attr(f, "class_names")))
-        n_domains = len(_strings(_attr(f, "domains")))
-        stored_sha = group.attrs.get("sha256")
-        stored_sha = stored_sha.decode() if isinstance(stored_sha, bytes) else stored_sha
-        stored_count = group.attrs.get("count")
-
-    n = labels.shape[0] if labels.ndim == 1 else -1
-    problems = []
-    if images.dtype != np.uint8 or images.shape[1:] != (size, size, 3) or images.ndim != 4:
-        problems.append(
-            f"images are {images.dtype}{images.shape}, expected uint8 (N, {size}, {size}, 3)"
-        )
-    if labels.dtype != np.int64 or labels.ndim != 1:
-        problems.append(f"labels are {labels.dtype}{labels.shape}, expected int64 (N,)")
-    if domains.dtype != np.int64 or domains.shape != (n,):
-        problems.append(f"domains are {domains.dtype}{domains.shape}, expected int64 ({n},)")
-    if images.shape[:1] != (n,):
-        problems.append(f"images {images.shape} do not match {n} labels")
-    if stored_count is None or int(stored_count) != n:
-        problems.append(f"count attribute {stored_count!r} != {n}")
-    if not problems:
-        if n and (labels.min() < 0 or labels.max() >= n_classes):
-            problems.append(f"labels outside 0..{n_classes - 1}")
-        if n and (domains.min() < 0 or domains.max() >= n_domains):
-            problems.append(f"domain indices outside 0..{n_domains - 1}")
-        if _digest(images, labels, domains) != stored_sha:
-            problems.append("sha256 does not match the stored checksum")
-    if problems:
-        raise ValueError(f"{where}: " + "; ".join(problems))
-    return ImageSplit(images=images, labels=labels, domains=domains)
