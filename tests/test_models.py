@@ -711,3 +711,33 @@ def test_weights_files_follow_the_umask_like_every_other_output(tmp_path):
         os.umask(previous)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert modes == {"model.safetensors": 0o644, "metrics.json": 0o644}
+
+
+def test_the_models_package_only_re_exports_and_needs_no_timm():
+    """`robustft.models` is a face: every name is defined in a submodule. Importing it must
+    not import timm (the probe and report jobs import it)."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    import robustft
+    import robustft.models
+
+    tree = ast.parse(Path(robustft.models.__file__).read_text(encoding="utf-8"))
+    docstring, *statements = tree.body
+    assert isinstance(docstring, ast.Expr) and isinstance(docstring.value, ast.Constant)
+    assert all(isinstance(node, ast.Import | ast.ImportFrom) for node in statements)
+    for node in statements:
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            assert node.module.startswith("robustft.models.")
+            assert all(alias.asname == alias.name for alias in node.names)  # re-exported
+
+    src = str(Path(robustft.__file__).parents[1])
+    paths = [src, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    code = "import robustft.models, sys; assert 'timm' not in sys.modules, 'timm imported'"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
