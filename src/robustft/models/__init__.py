@@ -1,4 +1,4 @@
-"""Backbones and their weights on disk. This module only re-exports; the code is in
+"""Backbones, their weights on disk and linear heads. This module only re-exports; the code is in
 
 - `backbone`: building a backbone with random weights (the toy ResNet or a timm model wrapped
   in `TimmBackbone`), `ImageClassifier` (normalisation, backbone, linear head) and the
@@ -6,6 +6,7 @@
 - `weights`: a backbone's folder in the weight cache (`meta.json` and its weights file):
   `save_backbone`, `load_backbone` (local files only; `BackboneNotFetchedError`),
   `load_state`, `save_model`;
+- `heads`: `head.safetensors` files, the one writer `save_head` and the one reader `load_head`;
 - `preprocess`: the input preprocessing of a backbone (`Preprocess`);
 - `toy`: the toy ResNet; `keymap`: renaming and reading foreign state dicts;
 - `fetch`: filling the weight cache (not re-exported here: it is the one module that needs
@@ -28,6 +29,10 @@ from robustft.models.backbone import check_backbone_kwargs as check_backbone_kwa
 from robustft.models.backbone import create_timm_backbone as create_timm_backbone
 from robustft.models.backbone import default_embedding as default_embedding
 from robustft.models.backbone import pretrained_num_classes as pretrained_num_classes
+from robustft.models.heads import HEAD_FILE as HEAD_FILE
+from robustft.models.heads import Head as Head
+from robustft.models.heads import load_head as load_head
+from robustft.models.heads import save_head as save_head
 from robustft.models.preprocess import INTERPOLATIONS as INTERPOLATIONS
 from robustft.models.preprocess import PREPROCESS_KEYS as PREPROCESS_KEYS
 from robustft.models.preprocess import Preprocess as Preprocess
