@@ -711,3 +711,89 @@ def test_weights_files_follow_the_umask_like_every_other_output(tmp_path):
         os.umask(previous)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert modes == {"model.safetensors": 0o644, "metrics.json": 0o644}
+
+
+def test_a_head_reads_back_as_written_with_its_metadata(tmp_path):
+    """`save_head` is the one writer of head files (numpy from the probe, torch from the
+    zero-shot step), `load_head` the one reader; both kinds give the same bytes as
+    safetensors' own writers, as before there was one writer."""
+    from safetensors.numpy import save_file as save_numpy
+
+    from robustft.models import load_head, save_head
+
+    weight = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+    bias = np.array([0.5, -1.0, 2.0], dtype=np.float32)
+    metadata = {"backbone": "toyresnet", "weights_sha256": "ab" * 32, "data_fingerprint": "cd"}
+    save_head(tmp_path / "np/head.safetensors", weight=weight, bias=bias, metadata=metadata)
+    head = load_head(tmp_path / "np/head.safetensors")
+    assert head.metadata == metadata
+    np.testing.assert_array_equal(head.weight.numpy(), weight)
+    np.testing.assert_array_equal(head.bias.numpy(), bias)
+
+    save_head(
+        tmp_path / "pt/head.safetensors", weight=torch.from_numpy(weight), bias=torch.tensor(bias)
+    )
+    assert load_head(tmp_path / "pt/head.safetensors").metadata == {}
+    save_numpy({"weight": weight, "bias": bias}, str(tmp_path / "direct.safetensors"))
+    save_file({"weight": torch.from_numpy(weight), "bias": torch.tensor(bias)}, str(tmp_path / "t"))
+    direct = (tmp_path / "direct.safetensors").read_bytes()
+    assert (tmp_path / "pt/head.safetensors").read_bytes() == direct
+    assert (tmp_path / "t").read_bytes() == direct
+    # With metadata, safetensors 0.8 writes its entries in no fixed order (a Rust HashMap):
+    # the same header up to that order, and the same tensor bytes.
+    save_numpy({"weight": weight, "bias": bias}, str(tmp_path / "m"), metadata=metadata)
+    assert _split_safetensors(tmp_path / "np/head.safetensors") == _split_safetensors(
+        tmp_path / "m"
+    )
+    assert not list(tmp_path.glob("*/.*.tmp"))  # written through atomic_path
+
+
+def _split_safetensors(path):
+    """(header as parsed JSON, tensor bytes) of a safetensors file."""
+    data = Path(path).read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]), data[8 + size :]
+
+
+def test_a_bad_head_file_is_one_line_naming_it(tmp_path):
+    from robustft.models import load_head
+
+    path = tmp_path / "head.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"head.safetensors: probe head missing$"):
+        load_head(path, what="probe head")
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=r"head.safetensors: not a readable safetensors file"):
+        load_head(path)
+    save_file({"weight": torch.zeros(3), "bias": torch.zeros(3)}, str(path))
+    with pytest.raises(ValueError, match=r"expected a 2-d 'weight' and a 'bias', found"):
+        load_head(path)
+
+
+def test_the_models_package_only_re_exports_and_needs_no_timm():
+    """`robustft.models` is a face: every name is defined in a submodule. Importing it must
+    not import timm (the probe and report jobs import it)."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    import robustft
+    import robustft.models
+
+    tree = ast.parse(Path(robustft.models.__file__).read_text(encoding="utf-8"))
+    docstring, *statements = tree.body
+    assert isinstance(docstring, ast.Expr) and isinstance(docstring.value, ast.Constant)
+    assert all(isinstance(node, ast.Import | ast.ImportFrom) for node in statements)
+    for node in statements:
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            assert node.module.startswith("robustft.models.")
+            assert all(alias.asname == alias.name for alias in node.names)  # re-exported
+
+    src = str(Path(robustft.__file__).parents[1])
+    paths = [src, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    code = "import robustft.models, sys; assert 'timm' not in sys.modules, 'timm imported'"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr

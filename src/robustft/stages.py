@@ -32,14 +32,17 @@ from robustft.features import (
     resolve_precision,
     write_features,
 )
-from robustft.io import atomic_path, sha256_file, write_csv, write_json
+from robustft.io import sha256_file, write_csv, write_json
 from robustft.methods import resolve as resolve_method
 from robustft.models import (
+    HEAD_FILE,
     ImageClassifier,
     Preprocess,
     build_backbone,
     load_backbone,
+    load_head,
     save_backbone,
+    save_head,
     save_model,
     weights_path,
 )
@@ -250,31 +253,13 @@ def _non_finite_weights(backbone: torch.nn.Module) -> str:
 
 
 def load_probe_head(probe_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    path = Path(probe_dir) / "head.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: probe head missing")
-    try:
-        state = load_file(str(path))
-    except Exception as error:  # safetensors raises its own error types
-        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
-    if set(state) != {"weight", "bias"} or state["weight"].ndim != 2:
-        shapes = {key: tuple(value.shape) for key, value in state.items()}
-        raise ValueError(f"{path}: expected a 2-d 'weight' and a 'bias', found {shapes}")
-    return state["weight"], state["bias"]
+    head = load_head(Path(probe_dir) / HEAD_FILE, what="probe head")
+    return head.weight, head.bias
 
 
 def probe_head_provenance(probe_dir: str | Path) -> dict[str, str]:
     """The provenance the probe recorded in its head's safetensors metadata (`run_probe`)."""
-    from safetensors import safe_open
-
-    path = Path(probe_dir) / "head.safetensors"
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except Exception as error:  # safetensors raises its own error types
-        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    return load_head(Path(probe_dir) / HEAD_FILE, what="probe head").metadata
 
 
 def check_probe_head(
@@ -285,9 +270,7 @@ def check_probe_head(
     data_fingerprint: str | None,
 ) -> str:
     """Refuse a probe head fitted on another backbone's weights or other data; its SHA-256."""
-    path = Path(probe_dir) / "head.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: probe head missing")
+    path = Path(probe_dir) / HEAD_FILE
     provenance.check_backbone(
         path=path,
         recorded=probe_head_provenance(probe_dir),
@@ -462,9 +445,7 @@ def run_finetune(
             "backbone_sha256": backbone_meta["sha256"],
             "backbone": {"preprocess": preprocess.to_dict(), "kwargs": dict(backbone_kwargs or {})},
             "probe_head_sha256": (
-                probe_head_sha256 or sha256_file(Path(probe_dir) / "head.safetensors")
-                if probe_dir
-                else None
+                probe_head_sha256 or sha256_file(Path(probe_dir) / HEAD_FILE) if probe_dir else None
             ),
             "split_sizes": {split: len(arrays.labels) for split, arrays in splits.items()},
         }
@@ -588,7 +569,7 @@ def run_wiseft(
     head_sha256 = check_probe_head(
         probe_dir=probe_dir, model_dir=model_dir, meta=meta, data_fingerprint=data_fingerprint
     )
-    head_path = Path(probe_dir) / "head.safetensors"
+    head_path = Path(probe_dir) / HEAD_FILE
     data_source = "this job's data manifest"
     if data_fingerprint is None:
         data_fingerprint = probe_head_provenance(probe_dir).get(provenance.DATA_FINGERPRINT) or None
@@ -692,8 +673,6 @@ def run_zeroshot(
     """The zero-shot CLIP model of a setting: the pretrained image tower with the text tower's
     head for the dataset's class names (`zeroshot.zeroshot_head`), evaluated on ID val, ID test
     and every OOD split. Writes `head.safetensors` (weight, bias) and `metrics.json`."""
-    from safetensors.torch import save_file
-
     from robustft.zeroshot import load_text_tower, text_tower_name, zeroshot_head
 
     backbone, preprocess, backbone_meta = load_backbone(model_dir, preprocess=preprocess_overrides)
@@ -727,8 +706,7 @@ def run_zeroshot(
         for split, arrays in splits.items()
     }
     out_dir = Path(out_dir)
-    with atomic_path(out_dir / "head.safetensors") as tmp:
-        save_file({"weight": weight, "bias": bias}, str(tmp))
+    save_head(out_dir / HEAD_FILE, weight=weight, bias=bias)
     name, tag = text_tower_name(backbone_name)
     metrics.update(
         method="zeroshot",

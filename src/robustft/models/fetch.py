@@ -20,18 +20,12 @@ from typing import Any
 import torch
 
 from robustft.io import read_json, sha256_file
-from robustft.models import (
-    FORMAT_TIMM,
-    META_FILE,
+from robustft.models.backbone import (
     MOCO_V2_BACKBONE,
     TOY_BACKBONE,
     TimmBackbone,
     create_timm_backbone,
-    load_state,
     pretrained_num_classes,
-    save_backbone,
-    timm_preprocess,
-    write_meta,
 )
 from robustft.models.keymap import (
     compile_drop_keys,
@@ -40,6 +34,8 @@ from robustft.models.keymap import (
     read_state_dict,
     rename_keys,
 )
+from robustft.models.preprocess import timm_preprocess
+from robustft.models.weights import FORMAT_TIMM, META_FILE, load_state, save_backbone, write_meta
 
 log = logging.getLogger(__name__)
 
