@@ -264,21 +264,6 @@ def collapse_reason(
             f"({scores[-1]:.3f}, from {max(scores[:-1]):.3f}; chance {chance:.3f})"
         )
     return None
-    threshold = chance + 2.0 * math.sqrt(chance * (1.0 - chance) / max(eval_size, 1))
-    scores = [row[select_on] for row in history]
-    last = scores[-1]
-    if last <= threshold:
-        if max(scores[:-1]) > threshold:
-            return (
-                f"{select_on} accuracy fell to chance ({last:.3f}; chance {chance:.3f}, "
-                f"threshold {threshold:.3f}) at epoch {history[-1]['epoch']}"
-            )
-        if max(row[select_on] for row in epochs) <= threshold:
-            return (
-                f"{select_on} accuracy never rose above chance (best {max(scores):.3f}; "
-                f"chance {chance:.3f}, threshold {threshold:.3f})"
-            )
-    return None
 
 
 def train_classifier(
