@@ -131,6 +131,88 @@ def test_unreadable_state_starts_from_scratch(tmp_path, uninterrupted):
     assert without_seconds(result.history) == without_seconds(reference.history)
 
 
+def same(first, second):
+    """Equal values, tensors equal in dtype and entries, also inside dicts and lists."""
+    if isinstance(first, torch.Tensor) or isinstance(second, torch.Tensor):
+        return (
+            isinstance(first, torch.Tensor)
+            and isinstance(second, torch.Tensor)
+            and first.dtype == second.dtype
+            and torch.equal(first, second)
+        )
+    if isinstance(first, dict) and isinstance(second, dict):
+        return first.keys() == second.keys() and all(same(first[k], second[k]) for k in first)
+    if isinstance(first, list | tuple) and isinstance(second, list | tuple):
+        return len(first) == len(second) and all(map(same, first, second))
+    return type(first) is type(second) and first == second
+
+
+def test_the_checkpointer_round_trips_every_field_of_the_run_state(tmp_path):
+    """Save, then restore into a fresh run state and fresh objects: every saved field of
+    `_RunState` and the state of every object comes back equal; the others keep their defaults."""
+    import dataclasses
+
+    from robustft.training import Checkpointer, _RunState
+
+    values = {
+        "epoch": 3,
+        "step": 2,
+        "seconds": 1.5,
+        "order": torch.tensor([2, 0, 1]),
+        "loss_sum": torch.tensor(4.25),
+        "correct": torch.tensor(7),
+        "seen": 32,
+        "epoch_lr": 0.01,
+        "history": [{"epoch": 0, "lr": 0.05, "train_loss": float("inf"), "val": 0.5}],
+        "best_epoch": 1,
+        "best_score": 0.75,
+        "best_state": {"weight": torch.arange(4.0)},
+        "diverged": True,
+        "collapse": "why",
+        "grad_norm_max": torch.tensor(2.5),
+        "clipped": torch.tensor(1),
+        "num_classes": 2,
+    }
+    not_saved = {"settings", "steps_in_epoch"}
+    fields = {f.name: f for f in dataclasses.fields(_RunState)}
+    # A new field of the run state must be added here (or to `not_saved`).
+    assert set(values) | not_saved == set(fields)
+    for name, value in values.items():  # every value differs from its default
+        f = fields[name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        assert not same(value, default), name
+
+    def objects(seed):
+        torch.manual_seed(seed)
+        model = ImageClassifier(backbone=ToyResNet(width=4), num_classes=2, preprocess=PRE)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        generator = torch.Generator().manual_seed(seed)
+        return dict(model=model, optimizer=optimizer, scheduler=scheduler, generator=generator)
+
+    saved = objects(0)
+    saved["model"](torch.rand(4, 3, 16, 16)).sum().backward()
+    saved["optimizer"].step()  # momentum buffers, and a scheduler and generator moved on
+    saved["scheduler"].step()
+    torch.rand(3, generator=saved["generator"])
+    checkpointing = Checkpointing(path=tmp_path / "last.pt", fingerprint="f")
+    run = _RunState(settings=SETTINGS, steps_in_epoch=5, **values)
+    Checkpointer(checkpointing, **saved).save(run)
+    rng = torch.get_rng_state()
+
+    restored = objects(1)
+    assert not same(restored["model"].state_dict(), saved["model"].state_dict())
+    fresh = _RunState(settings=SETTINGS)
+    assert Checkpointer(checkpointing, **restored).restore(fresh)
+    for name, value in values.items():
+        assert same(getattr(fresh, name), value), name
+    assert fresh.settings is SETTINGS and fresh.steps_in_epoch == 0
+    for name in ("model", "optimizer", "scheduler"):
+        assert same(restored[name].state_dict(), saved[name].state_dict()), name
+    assert same(restored["generator"].get_state(), saved["generator"].get_state())
+    assert same(torch.get_rng_state(), rng)
+
+
 def test_discard_removes_the_state_and_its_empty_folders(tmp_path):
     (tmp_path / "keep").mkdir()
     path = tmp_path / "resume" / "ft" / "seed0" / "last.pt"

@@ -9,15 +9,17 @@ A run that collapses (non-finite loss, a training loss far above the uniform pre
 val accuracy that falls to chance) ends with `TrainResult.diverged` set and the reason in
 `TrainResult.collapse`: it is a result about its settings, never a number to report.
 
-The loop can save resumable state (`Checkpointing`) every epoch, every few minutes and on
-SIGTERM; a rerun with the same state file continues where it stopped and ends with exactly
-the history and weights of an uninterrupted run.
+The loop can save resumable state (where and how often: `Checkpointing`; what: `_RunState`,
+saved and restored by `Checkpointer`) every epoch, every few minutes and on SIGTERM; a rerun
+with the same state file continues where it stopped and ends with exactly the history and
+weights of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -262,21 +264,6 @@ def collapse_reason(
             f"({scores[-1]:.3f}, from {max(scores[:-1]):.3f}; chance {chance:.3f})"
         )
     return None
-    threshold = chance + 2.0 * math.sqrt(chance * (1.0 - chance) / max(eval_size, 1))
-    scores = [row[select_on] for row in history]
-    last = scores[-1]
-    if last <= threshold:
-        if max(scores[:-1]) > threshold:
-            return (
-                f"{select_on} accuracy fell to chance ({last:.3f}; chance {chance:.3f}, "
-                f"threshold {threshold:.3f}) at epoch {history[-1]['epoch']}"
-            )
-        if max(row[select_on] for row in epochs) <= threshold:
-            return (
-                f"{select_on} accuracy never rose above chance (best {max(scores):.3f}; "
-                f"chance {chance:.3f}, threshold {threshold:.3f})"
-            )
-    return None
 
 
 def train_classifier(
@@ -316,46 +303,38 @@ def train_classifier(
     if select_on not in eval_sets:
         raise ValueError(f"select_on={select_on!r} is not one of the eval sets {list(eval_sets)}")
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    num_examples = len(train_set)  # type: ignore[arg-type]
-    steps_per_epoch = num_examples // settings.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"training set has {num_examples} examples, fewer than one batch "
-            f"({settings.batch_size})"
-        )
+    steps_per_epoch = _steps_per_epoch(train_set, settings)
+    total_steps = settings.epochs * steps_per_epoch
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
-    )
-    total_steps = settings.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_lr(step=step, total_steps=total_steps, base_lr=1.0)
-    )
+    optimizer, scheduler = _sgd_with_cosine_schedule(params, settings, total_steps=total_steps)
     model.to(device=device, memory_format=memory_format(device))
     if settings.bn_momentum is not None:
         set_batchnorm_momentum(model, settings.bn_momentum)
     run = _RunState(settings=settings)
-    # What the resumable state is made of, besides `run`.
-    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "generator": generator}
+    checkpointer = None
     if checkpointing is not None:
-        _resume(run, checkpointing=checkpointing, **parts)
+        checkpointer = Checkpointer(
+            checkpointing,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            generator=generator,
+        )
+        checkpointer.restore(run)
 
     def save() -> None:
-        if checkpointing is not None:
-            _save(run, checkpointing=checkpointing, **parts)
+        if checkpointer is not None:
+            checkpointer.save(run)
 
     def stop_if_requested() -> None:
         if stop_requested():
             save()
             raise_if_stop_requested(checkpointing, when=f"at epoch {run.epoch}, step {run.step}")
 
-    def scored(epoch: int) -> list[str]:
-        every = epoch == 0 or epoch % settings.eval_every == 0 or epoch == settings.epochs
-        return list(eval_sets) if every else [select_on]
-
-    def evaluate_all(names: list[str]) -> dict[str, float]:
+    def evaluate(names: list[str]) -> dict[str, float]:
+        """Scores of `names`, NaN for the other eval sets."""
         scores = validate(
             model,
             {name: eval_sets[name] for name in names},
@@ -364,6 +343,10 @@ def train_classifier(
             after_each=stop_if_requested,
         )
         return {name: scores.get(name, float("nan")) for name in eval_sets}
+
+    def scored(epoch: int) -> list[str]:
+        every = epoch == 0 or epoch % settings.eval_every == 0 or epoch == settings.epochs
+        return list(eval_sets) if every else [select_on]
 
     bar = tqdm(
         total=total_steps,
@@ -374,6 +357,13 @@ def train_classifier(
         mininterval=2.0,
         ascii=True,
     )
+
+    def after_step() -> None:
+        bar.update()
+        if checkpointer is not None:
+            checkpointer.save_if_due(run)
+        stop_if_requested()
+
     with sigterm_deferred():
         if not run.history:
             if settings.bn == "frozen_adapt":
@@ -385,32 +375,8 @@ def train_classifier(
                     num_workers=settings.num_workers,
                     progress=progress,
                 )
-            scores = evaluate_all(scored(0))
-            run.history.append(
-                {
-                    "epoch": 0,
-                    "lr": settings.lr,
-                    "train_loss": float("nan"),
-                    "train_acc": float("nan"),
-                    "grad_norm_max": float("nan"),
-                    "clipped": float("nan"),
-                    **scores,
-                    "seconds": 0.0,
-                }
-            )
-            run.best_epoch, run.best_score = 0, scores[select_on]
-            run.best_state = copy.deepcopy(model.state_dict())
+            _start_history(run, model, scores=evaluate(scored(0)), select_on=select_on)
             save()
-        last_save = time.monotonic()
-
-        def after_step() -> None:
-            nonlocal last_save
-            bar.update()
-            if checkpointing and time.monotonic() - last_save >= checkpointing.every_seconds:
-                save()
-                last_save = time.monotonic()
-            stop_if_requested()
-
         while run.epoch <= settings.epochs and not run.diverged:
             started = time.perf_counter() - run.seconds
             train_one_epoch(
@@ -428,51 +394,19 @@ def train_classifier(
                 started=started,
                 after_step=after_step,
             )
-            row = {
-                "epoch": run.epoch,
-                "lr": run.epoch_lr,
-                "train_loss": run.loss_sum.item() / run.seen,
-                "train_acc": run.correct.item() / run.seen,
-                "grad_norm_max": run.grad_norm_max.item(),
-                "clipped": run.clipped.item() / max(run.steps_in_epoch, 1),
-                **evaluate_all(scored(run.epoch)),
-                "seconds": time.perf_counter() - started,
-            }
-            run.history.append(row)
-            reason = _collapse(run, eval_sets[select_on], select_on=select_on, final=False)
-            if reason:
-                log.warning("run collapsed (lr %g): %s; stopping", settings.lr, reason)
-                run.diverged, run.collapse = True, reason
-            else:
-                log.info("epoch %d: %s", run.epoch, {k: round(v, 4) for k, v in row.items()})
-                if row[select_on] > run.best_score:
-                    run.best_epoch, run.best_score = run.epoch, row[select_on]
-                    run.best_state = copy.deepcopy(model.state_dict())
+            row = _epoch_row(
+                run,
+                scores=evaluate(scored(run.epoch)),
+                seconds=time.perf_counter() - started,  # evaluation included
+            )
+            _end_epoch(run, model, row=row, select_on=select_on, select_set=eval_sets[select_on])
             if on_epoch_end is not None:
                 on_epoch_end(run.epoch, model)
             run.epoch, run.step, run.seconds = run.epoch + 1, 0, 0.0
             save()
-            last_save = time.monotonic()
         if not run.diverged:
-            reason = _collapse(run, eval_sets[select_on], select_on=select_on, final=True)
-            if reason:
-                log.warning("run collapsed (lr %g): %s", settings.lr, reason)
-                run.diverged, run.collapse = True, reason
-        best_row = run.history[run.best_epoch]
-        missing = [name for name in eval_sets if math.isnan(best_row[name])]
-        if missing:  # the best epoch fell between scored epochs: score its weights now
-            current = copy.deepcopy(model.state_dict())
-            model.load_state_dict(run.best_state)
-            best_row.update(
-                validate(
-                    model,
-                    {name: eval_sets[name] for name in missing},
-                    settings=settings,
-                    device=device,
-                    after_each=stop_if_requested,
-                )
-            )
-            model.load_state_dict(current)
+            _flag_collapse(run, eval_sets[select_on], select_on=select_on, final=True)
+        _score_best_epoch(run, model, names=list(eval_sets), evaluate=evaluate)
     bar.close()
     return TrainResult(
         history=run.history,
@@ -483,8 +417,85 @@ def train_classifier(
     )
 
 
-def _collapse(run: _RunState, data: Dataset, *, select_on: str, final: bool) -> str | None:
-    return collapse_reason(
+def _steps_per_epoch(train_set: Dataset, settings: TrainSettings) -> int:
+    num_examples = len(train_set)  # type: ignore[arg-type]
+    steps = num_examples // settings.batch_size
+    if steps == 0:
+        raise ValueError(
+            f"training set has {num_examples} examples, fewer than one batch "
+            f"({settings.batch_size})"
+        )
+    return steps
+
+
+def _sgd_with_cosine_schedule(
+    params: list[nn.Parameter], settings: TrainSettings, *, total_steps: int
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD with momentum, and its learning rate decayed per step (`cosine_lr`)."""
+    optimizer = torch.optim.SGD(
+        params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_lr(step=step, total_steps=total_steps, base_lr=1.0)
+    )
+    return optimizer, scheduler
+
+
+def _start_history(
+    run: _RunState, model: nn.Module, *, scores: dict[str, float], select_on: str
+) -> None:
+    """Row 0 (the model before training), which is the best epoch so far."""
+    run.history.append(
+        {
+            "epoch": 0,
+            "lr": run.settings.lr,
+            "train_loss": float("nan"),
+            "train_acc": float("nan"),
+            "grad_norm_max": float("nan"),
+            "clipped": float("nan"),
+            **scores,
+            "seconds": 0.0,
+        }
+    )
+    run.best_epoch, run.best_score = 0, scores[select_on]
+    run.best_state = copy.deepcopy(model.state_dict())
+
+
+def _epoch_row(run: _RunState, *, scores: dict[str, float], seconds: float) -> dict[str, Any]:
+    """The history row of epoch `run.epoch`, from the sums `train_one_epoch` left in `run`."""
+    return {
+        "epoch": run.epoch,
+        "lr": run.epoch_lr,
+        "train_loss": run.loss_sum.item() / run.seen,
+        "train_acc": run.correct.item() / run.seen,
+        "grad_norm_max": run.grad_norm_max.item(),
+        "clipped": run.clipped.item() / max(run.steps_in_epoch, 1),
+        **scores,
+        "seconds": seconds,
+    }
+
+
+def _end_epoch(
+    run: _RunState,
+    model: nn.Module,
+    *,
+    row: dict[str, Any],
+    select_on: str,
+    select_set: Dataset,
+) -> None:
+    """Append `row`; stop a run that collapsed, else keep the weights of a new best epoch."""
+    run.history.append(row)
+    if _flag_collapse(run, select_set, select_on=select_on, final=False):
+        return
+    log.info("epoch %d: %s", run.epoch, {k: round(v, 4) for k, v in row.items()})
+    if row[select_on] > run.best_score:
+        run.best_epoch, run.best_score = run.epoch, row[select_on]
+        run.best_state = copy.deepcopy(model.state_dict())
+
+
+def _flag_collapse(run: _RunState, data: Dataset, *, select_on: str, final: bool) -> bool:
+    """Mark the run diverged if it collapsed (`collapse_reason`, chance on `data`); say so."""
+    reason = collapse_reason(
         history=run.history,
         select_on=select_on,
         num_classes=run.num_classes,
@@ -493,6 +504,31 @@ def _collapse(run: _RunState, data: Dataset, *, select_on: str, final: bool) -> 
         loss_factor=run.settings.collapse_loss_factor,
         final=final,
     )
+    if reason:
+        stopping = "" if final else "; stopping"
+        log.warning("run collapsed (lr %g): %s%s", run.settings.lr, reason, stopping)
+        run.diverged, run.collapse = True, reason
+    return bool(reason)
+
+
+def _score_best_epoch(
+    run: _RunState,
+    model: nn.Module,
+    *,
+    names: list[str],
+    evaluate: Callable[[list[str]], dict[str, float]],
+) -> None:
+    """Score the best epoch's weights on the eval sets `names` it was not scored on (it fell
+    between scored epochs); the model keeps its last weights."""
+    best_row = run.history[run.best_epoch]
+    missing = [name for name in names if math.isnan(best_row[name])]
+    if not missing:
+        return
+    current = copy.deepcopy(model.state_dict())
+    model.load_state_dict(run.best_state)
+    scores = evaluate(missing)
+    best_row.update({name: scores[name] for name in missing})
+    model.load_state_dict(current)
 
 
 def validate(
@@ -588,111 +624,136 @@ def train_one_epoch(
         after_step()
 
 
+# `_RunState` field metadata for `Checkpointer`: a field left out of the state file (rebuilt by
+# every call), and a tensor on the training device (saved on the CPU, restored to the model's
+# device). Every other field is saved and restored as it is.
+_NOT_SAVED = {"saved": False}
+_ON_DEVICE = {"on_device": True}
+
+
 @dataclass
 class _RunState:
-    """Everything the loop needs to continue: position, partial-epoch sums, history, best."""
+    """Everything the loop needs to continue: position, partial-epoch sums, history, best.
 
-    settings: TrainSettings
+    `Checkpointer` saves and restores every field (see the metadata above); a new field is
+    resumable without further code.
+    """
+
+    settings: TrainSettings = field(metadata=_NOT_SAVED)
     epoch: int = 1  # the epoch in progress (epochs + 1 when training is over)
     step: int = 0  # steps of `epoch` already taken
     seconds: float = 0.0  # training time spent in `epoch` so far
-    order: torch.Tensor | None = None  # the example order of `epoch`
-    loss_sum: torch.Tensor | None = None
-    correct: torch.Tensor | None = None
+    order: torch.Tensor | None = None  # the example order of `epoch` (on the CPU)
+    loss_sum: torch.Tensor | None = field(default=None, metadata=_ON_DEVICE)
+    correct: torch.Tensor | None = field(default=None, metadata=_ON_DEVICE)
     seen: int = 0
     epoch_lr: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = 0
     best_score: float = -1.0
-    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)  # restored on the CPU
     diverged: bool = False
     collapse: str | None = None
-    grad_norm_max: torch.Tensor | None = None  # largest gradient norm of `epoch` so far
-    clipped: torch.Tensor | None = None  # steps of `epoch` whose gradients were clipped
+    # Largest gradient norm of `epoch` so far, and its steps whose gradients were clipped.
+    grad_norm_max: torch.Tensor | None = field(default=None, metadata=_ON_DEVICE)
+    clipped: torch.Tensor | None = field(default=None, metadata=_ON_DEVICE)
     num_classes: int = 0  # width of the model's output
-    steps_in_epoch: int = 0
+    steps_in_epoch: int = field(default=0, metadata=_NOT_SAVED)  # set by `train_one_epoch`
 
 
-def _save(
-    run: _RunState,
-    *,
-    checkpointing: Checkpointing,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    generator: torch.Generator,
-) -> None:
-    state = {
-        "format": STATE_FORMAT,
-        "fingerprint": checkpointing.fingerprint,
-        "epoch": run.epoch,
-        "step": run.step,
-        "seconds": run.seconds,
-        "order": run.order,
-        "loss_sum": None if run.loss_sum is None else run.loss_sum.cpu(),
-        "correct": None if run.correct is None else run.correct.cpu(),
-        "seen": run.seen,
-        "epoch_lr": run.epoch_lr,
-        "history": run.history,
-        "best_epoch": run.best_epoch,
-        "best_score": run.best_score,
-        "best_state": run.best_state,
-        "diverged": run.diverged,
-        "collapse": run.collapse,
-        "grad_norm_max": None if run.grad_norm_max is None else run.grad_norm_max.cpu(),
-        "clipped": None if run.clipped is None else run.clipped.cpu(),
-        "num_classes": run.num_classes,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-    }
-    with atomic_path(checkpointing.path) as tmp:
-        torch.save(state, tmp)
+def _saved_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(_RunState) if f.metadata.get("saved", True)]
 
 
-def _resume(
-    run: _RunState,
-    *,
-    checkpointing: Checkpointing,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    generator: torch.Generator,
-) -> None:
-    path = checkpointing.path
-    if not path.exists():
-        return
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a file cut short by a crash of the machine, say
-        log.warning("%s: unreadable (%s); starting from scratch", path, error)
-        return
-    if state.get("format") != STATE_FORMAT or state.get("fingerprint") != checkpointing.fingerprint:
-        log.warning("%s: saved by a run with other settings or inputs; starting from scratch", path)
-        return
-    device = next(model.parameters()).device
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    run.epoch, run.step, run.seconds = state["epoch"], state["step"], state["seconds"]
-    run.order = state["order"]
-    run.loss_sum = None if state["loss_sum"] is None else state["loss_sum"].to(device)
-    run.correct = None if state["correct"] is None else state["correct"].to(device)
-    run.seen, run.epoch_lr = state["seen"], state["epoch_lr"]
-    run.history = state["history"]
-    run.best_epoch, run.best_score = state["best_epoch"], state["best_score"]
-    run.best_state = state["best_state"]
-    run.diverged, run.collapse = state["diverged"], state["collapse"]
-    run.grad_norm_max = (
-        None if state["grad_norm_max"] is None else state["grad_norm_max"].to(device)
-    )
-    run.clipped = None if state["clipped"] is None else state["clipped"].to(device)
-    run.num_classes = state["num_classes"]
-    log.info("resuming from %s at epoch %d, step %d", path, run.epoch, run.step)
+def _cuda_rng_state() -> list[torch.Tensor]:
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+
+
+def _set_cuda_rng_state(states: list[torch.Tensor]) -> None:
+    if states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states)
+
+
+class Checkpointer:
+    """Saves a run's resumable state to `checkpointing.path` and restores it from there.
+
+    The state file holds `format` and `fingerprint`, every saved field of `_RunState` under its
+    name, and the state of each object the loop changes in place (`self.objects`: model,
+    optimizer, scheduler, the loop's generator, the global RNGs), restored in that order.
+    Saves are atomic (`io.atomic_path`); a file of another format or fingerprint, or one that
+    cannot be read, is ignored.
+    """
+
+    def __init__(
+        self,
+        checkpointing: Checkpointing,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        generator: torch.Generator,
+    ) -> None:
+        self.checkpointing = checkpointing
+        self.model = model
+        # Name in the state file: (read the state, restore it).
+        self.objects: dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]] = {
+            "model": (model.state_dict, model.load_state_dict),
+            "optimizer": (optimizer.state_dict, optimizer.load_state_dict),
+            "scheduler": (scheduler.state_dict, scheduler.load_state_dict),
+            "generator": (generator.get_state, generator.set_state),
+            "torch_rng": (torch.get_rng_state, torch.set_rng_state),
+            "cuda_rng": (_cuda_rng_state, _set_cuda_rng_state),
+        }
+        self.saved_at = time.monotonic()
+
+    def save(self, run: _RunState) -> None:
+        state: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "fingerprint": self.checkpointing.fingerprint,
+        }
+        for f in _saved_fields():
+            value = getattr(run, f.name)
+            if f.metadata.get("on_device") and value is not None:
+                value = value.cpu()
+            state[f.name] = value
+        for name, (read, _) in self.objects.items():
+            state[name] = read()
+        with atomic_path(self.checkpointing.path) as tmp:
+            torch.save(state, tmp)
+        self.saved_at = time.monotonic()
+
+    def save_if_due(self, run: _RunState) -> None:
+        """Save if `checkpointing.every_seconds` have passed since the last save."""
+        if time.monotonic() - self.saved_at >= self.checkpointing.every_seconds:
+            self.save(run)
+
+    def restore(self, run: _RunState) -> bool:
+        """Fill `run` and the objects from the saved state, if there is state of this
+        fingerprint; True if it did."""
+        path = self.checkpointing.path
+        if not path.exists():
+            return False
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a file cut short by a crash of the machine, say
+            log.warning("%s: unreadable (%s); starting from scratch", path, error)
+            return False
+        if (
+            state.get("format") != STATE_FORMAT
+            or state.get("fingerprint") != self.checkpointing.fingerprint
+        ):
+            log.warning(
+                "%s: saved by a run with other settings or inputs; starting from scratch", path
+            )
+            return False
+        device = next(self.model.parameters()).device
+        for name, (_, restore) in self.objects.items():
+            restore(state[name])
+        for f in _saved_fields():
+            value = state[f.name]
+            if f.metadata.get("on_device") and value is not None:
+                value = value.to(device)
+            setattr(run, f.name, value)
+        log.info("resuming from %s at epoch %d, step %d", path, run.epoch, run.step)
+        self.saved_at = time.monotonic()
+        return True

@@ -1,7 +1,12 @@
-"""Linear probe: multinomial L2 logistic regression over a grid of C, chosen on ID val.
+"""The linear probe's numerics: multinomial L2 logistic regression over a grid of C, chosen on
+ID val.
 
 Following Kumar et al. 2022, features are standardised by one scalar mean and standard
-deviation over the training features before the fit.
+deviation over the training features before the fit (`scalar_standardization`). `fit_probe`
+runs one of two solvers: `fit_probe_torch` (preconditioned full-batch L-BFGS along the
+regularisation path, `_PathProblem`, with a coarse-to-fine search of the grid) or
+`fit_probe_sklearn` (scikit-learn's lbfgs on every C, the reference). torch is imported inside
+the functions that need it.
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,12 +24,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from tqdm import tqdm
 
-from robustft import provenance
-from robustft.data.registry import split_column
-from robustft.features import read_features
-from robustft.io import atomic_path, read_json, write_csv, write_json
-
-log = logging.getLogger(__name__)
+# The package's logger: job logs name it as they did when the probe was one module.
+log = logging.getLogger("robustft.probe")
 
 
 @dataclass
@@ -592,128 +592,3 @@ def _full_head(
     weight[model.classes_] = coef
     bias[model.classes_] = intercept
     return weight, bias
-
-
-def _accuracy(result: ProbeResult, data: Any) -> float:
-    """Argmax over the split's `class_subset` attribute when its feature file has one; with
-    `class_groups`, right when the prediction is in the label's group (ObjectNet)."""
-    subset = data.attrs.get("class_subset")
-    if subset is None or len(subset) == 0:
-        predicted = result.predict(data.features)
-    else:
-        subset = np.asarray(subset, dtype=np.int64)
-        predicted = subset[result.logits(data.features)[:, subset].argmax(axis=1)]
-    groups = data.attrs.get("class_groups")
-    if groups is not None and len(groups):
-        groups = np.asarray(groups, dtype=np.int64)
-        return float((groups[predicted] == groups[data.labels]).mean())
-    return float((predicted == data.labels).mean())
-
-
-def run_probe(
-    *,
-    feature_files: Mapping[str, str | Path],
-    out_dir: str | Path,
-    c_grid: Sequence[float],
-    max_iter: int,
-    progress: bool = True,
-    solver: str = "torch",
-    device: str = "cpu",
-    backbone_meta: str | Path | None = None,
-    backbone_name: str | None = None,
-) -> dict[str, Any]:
-    """Fit the probe on `train`, choose C on `val`, report accuracy on every split.
-
-    `solver` and `device` as in `fit_probe`. Every split's features must share one backbone,
-    weights and data fingerprint; with `backbone_meta` (the backbone's meta.json) they must
-    be of those weights, and of `backbone_name` when given. The head's safetensors metadata
-    and metrics.json record the features' `backbone`, `weights_sha256`, `data_fingerprint`."""
-    missing = [split for split in ("train", "val") if split not in feature_files]
-    if missing:
-        raise ValueError(f"probe needs feature files for splits {missing}")
-    first = read_features(feature_files["train"])
-    num_classes = int(first.attrs.get("num_classes", first.labels.max() + 1))
-    sets = {
-        split: read_features(path, num_classes=num_classes) for split, path in feature_files.items()
-    }
-    if backbone_meta is not None:
-        meta = read_json(backbone_meta)
-        for split, data in sets.items():
-            provenance.check_backbone(
-                path=feature_files[split],
-                recorded=data.attrs,
-                meta=meta,
-                meta_path=backbone_meta,
-                backbone_name=backbone_name,
-                data_fingerprint=None,  # no reference here: the splits must agree (below)
-                data_source="",
-                rerun="extract_features",
-            )
-            provenance.require(
-                path=feature_files[split],
-                recorded=data.attrs,
-                name=provenance.DATA_FINGERPRINT,
-                rerun="extract_features",
-            )
-    # Every split must come from the same backbone weights, data and label space.
-    for key in (
-        "num_classes",
-        provenance.BACKBONE,
-        provenance.WEIGHTS_SHA256,
-        provenance.DATA_FINGERPRINT,
-    ):
-        expected = first.attrs.get(key)
-        for split, data in sets.items():
-            found = data.attrs.get(key)
-            if found != expected:
-                raise ValueError(
-                    f"{feature_files[split]}: attribute {key} {provenance.short(found)} "
-                    f"differs from the train features' {provenance.short(expected)} "
-                    f"({feature_files['train']})"
-                )
-    recorded = provenance.record(
-        backbone=first.attrs.get(provenance.BACKBONE),
-        weights_sha256=str(first.attrs.get(provenance.WEIGHTS_SHA256, provenance.UNKNOWN)),
-        data_fingerprint=first.attrs.get(provenance.DATA_FINGERPRINT),
-    )
-    dims = {split: data.features.shape[1] for split, data in sets.items()}
-    if len(set(dims.values())) != 1:
-        raise ValueError(f"feature dimensions differ between splits: {dims}")
-    result = fit_probe(
-        train_x=sets["train"].features,
-        train_y=sets["train"].labels,
-        val_x=sets["val"].features,
-        val_y=sets["val"].labels,
-        c_grid=list(c_grid),
-        num_classes=num_classes,
-        max_iter=max_iter,
-        progress=progress,
-        solver=solver,
-        device=device,
-    )
-    accuracies = {
-        split_column(split): _accuracy(result, data)
-        for split, data in sets.items()
-        if split != "train"
-    }
-    out_dir = Path(out_dir)
-    weight, bias = result.raw_scale_head()
-    from safetensors.numpy import save_file
-
-    with atomic_path(out_dir / "head.safetensors") as tmp:
-        save_file({"weight": weight, "bias": bias}, str(tmp), metadata=recorded)
-    write_csv(out_dir / "sweep.csv", result.sweep)
-    chosen = next(row for row in result.sweep if row["C"] == result.C)
-    metrics = {
-        "solver": solver,
-        "C": result.C,
-        "converged": chosen["converged"],
-        "n_iter": chosen["n_iter"],
-        "train_acc": chosen["train_acc"],
-        "feature_mean": result.mean,
-        "feature_std": result.std,
-        **accuracies,
-        **recorded,
-    }
-    write_json(out_dir / "metrics.json", metrics)
-    return metrics
