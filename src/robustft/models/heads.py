@@ -9,6 +9,7 @@ one-line errors).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 HEAD_FILE = "head.safetensors"
+METADATA_KEY = "robustft"
 
 
 @dataclass(frozen=True)
@@ -46,12 +48,11 @@ def save_head(
         raise TypeError("save_head: weight and bias must both be numpy arrays or torch tensors")
     else:
         from safetensors.torch import save_file
+    # One metadata entry holding sorted JSON: safetensors writes several entries in an order
+    # that changes from run to run, and a head's SHA-256 is part of its runs' provenance.
+    packed = {METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)} if metadata else None
     with atomic_path(path) as tmp:
-        save_file(
-            {"weight": weight, "bias": bias},
-            str(tmp),
-            metadata=dict(metadata) if metadata is not None else None,
-        )
+        save_file({"weight": weight, "bias": bias}, str(tmp), metadata=packed)
 
 
 def load_head(path: str | Path, *, what: str = "head") -> Head:
@@ -66,6 +67,8 @@ def load_head(path: str | Path, *, what: str = "head") -> Head:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
+            if METADATA_KEY in metadata:
+                metadata = dict(json.loads(metadata.pop(METADATA_KEY)), **metadata)
             state = handle.get_tensors()
     except Exception as error:  # safetensors raises its own error types
         raise ValueError(f"{path}: not a readable safetensors file ({error})") from None

@@ -13,7 +13,7 @@ import numpy as np
 from robustft import provenance
 from robustft.data.registry import split_column
 from robustft.features import read_features
-from robustft.io import atomic_path, read_json, write_csv, write_json
+from robustft.io import read_json, write_csv, write_json
 from robustft.probe.solver import ProbeResult, fit_probe
 
 
@@ -121,10 +121,9 @@ def run_probe(
     }
     out_dir = Path(out_dir)
     weight, bias = result.raw_scale_head()
-    from safetensors.numpy import save_file
+    from robustft.models.heads import HEAD_FILE, save_head
 
-    with atomic_path(out_dir / "head.safetensors") as tmp:
-        save_file({"weight": weight, "bias": bias}, str(tmp), metadata=recorded)
+    save_head(out_dir / HEAD_FILE, weight=weight, bias=bias, metadata=recorded)
     write_csv(out_dir / "sweep.csv", result.sweep)
     chosen = next(row for row in result.sweep if row["C"] == result.C)
     metrics = {
