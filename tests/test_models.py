@@ -739,12 +739,14 @@ def test_a_head_reads_back_as_written_with_its_metadata(tmp_path):
     direct = (tmp_path / "direct.safetensors").read_bytes()
     assert (tmp_path / "pt/head.safetensors").read_bytes() == direct
     assert (tmp_path / "t").read_bytes() == direct
-    # With metadata, safetensors 0.8 writes its entries in no fixed order (a Rust HashMap):
-    # the same header up to that order, and the same tensor bytes.
-    save_numpy({"weight": weight, "bias": bias}, str(tmp_path / "m"), metadata=metadata)
-    assert _split_safetensors(tmp_path / "np/head.safetensors") == _split_safetensors(
-        tmp_path / "m"
-    )
+    # With metadata, safetensors 0.8 writes several entries in no fixed order (a Rust
+    # HashMap): the metadata is one entry of sorted JSON, so the same head has the same bytes.
+    save_head(tmp_path / "again/head.safetensors", weight=weight, bias=bias, metadata=metadata)
+    again = (tmp_path / "again/head.safetensors").read_bytes()
+    assert again == (tmp_path / "np/head.safetensors").read_bytes()
+    header, tensors = _split_safetensors(tmp_path / "np/head.safetensors")
+    assert header["__metadata__"] == {"robustft": json.dumps(metadata, sort_keys=True)}
+    assert tensors == _split_safetensors(tmp_path / "direct.safetensors")[1]
     assert not list(tmp_path.glob("*/.*.tmp"))  # written through atomic_path
 
 
