@@ -324,9 +324,8 @@ def test_refinement_bisects_the_gaps_that_could_hold_the_full_sweeps_choice():
 def test_the_probe_records_its_features_provenance_in_metrics_and_head(tmp_path):
     """The head carries the backbone, weights and data it was fitted on (safetensors
     metadata), so that LP-FT, KD and WiSE-FT can check them; metrics.json the same."""
-    from safetensors import safe_open
-
     from robustft.features import write_features
+    from robustft.models import load_head
 
     provenance = {"backbone": "toyresnet", "weights_sha256": "ab" * 32, "data_fingerprint": "f0"}
     files = {}
@@ -338,5 +337,4 @@ def test_the_probe_records_its_features_provenance_in_metrics_and_head(tmp_path)
         feature_files=files, out_dir=tmp_path / "probe", c_grid=[1.0], max_iter=100, progress=False
     )
     assert {key: metrics[key] for key in provenance} == provenance
-    with safe_open(str(tmp_path / "probe" / "head.safetensors"), framework="np") as handle:
-        assert handle.metadata() == provenance
+    assert load_head(tmp_path / "probe" / "head.safetensors").metadata == provenance
