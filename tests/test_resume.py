@@ -248,12 +248,12 @@ def job_inputs(tmp_path_factory):
     return write_tiny_toyshift_job(tmp_path_factory.mktemp("inputs"), train_per_class=40, width=8)
 
 
-# The DRIVER, with SIGTERM sent to itself right after `robustft.stages.<argv[2]>` returns.
+# The DRIVER, with SIGTERM sent to itself right after `robustft.stages.finetune.<argv[2]>` returns.
 SIGTERM_AFTER_DRIVER = (
     textwrap.dedent(
         """
         import os, signal, sys
-        import robustft.stages
+        import robustft.stages.finetune as stage
 
         def then_sigterm(function):
             def wrapped(*args, **kwargs):
@@ -263,7 +263,7 @@ SIGTERM_AFTER_DRIVER = (
             return wrapped
 
         name = sys.argv.pop(2)
-        setattr(robustft.stages, name, then_sigterm(getattr(robustft.stages, name)))
+        setattr(stage, name, then_sigterm(getattr(stage, name)))
         """
     )
     + DRIVER

@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from robustft.probe import run_probe
 from robustft.runtime import job, resolve_device
+from robustft.stages import run_probe
 
 with job(log_path=snakemake.log[0], threads=snakemake.threads):
     run_probe(

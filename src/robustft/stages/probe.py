@@ -1,5 +1,6 @@
-"""The probe stage: fit the linear probe (`solver.fit_probe`) on a backbone's train features,
-choose C on val, report accuracy on every split and write the head, the sweep and the metrics.
+"""The probe stage: fit the linear probe (`robustft.probe.fit_probe`) on a backbone's train
+features, choose C on val, report accuracy on every split and write the head, the sweep and the
+metrics. It needs no torch (reading features, the numpy solver), so that its jobs start fast.
 """
 
 from __future__ import annotations

@@ -1,0 +1,197 @@
+"""Models trained here from scratch: the toy backbone (pretraining) and the baseline models."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from robustft.data.datasets import ArrayImageDataset, as_torch_dataset, train_transform
+from robustft.data.registry import ImageArrays, split_column, take
+from robustft.evaluate import accuracy
+from robustft.io import write_csv, write_json
+from robustft.models import ImageClassifier, Preprocess, build_backbone, save_backbone
+from robustft.stages.common import load_splits, run_splits
+from robustft.training import TrainSettings, train_classifier
+
+log = logging.getLogger("robustft.stages")
+
+
+def _dataset(arrays: ImageArrays) -> ArrayImageDataset:
+    return ArrayImageDataset(arrays.images, arrays.labels)
+
+
+def preprocess_of(images: np.ndarray) -> Preprocess:
+    """Input size and per-channel mean/std of uint8 images (N, H, W, 3) scaled to [0, 1]."""
+    scaled = images.astype(np.float32) / 255.0
+    return Preprocess(
+        input_size=int(images.shape[1]),
+        mean=tuple(float(x) for x in scaled.mean(axis=(0, 1, 2))),
+        std=tuple(float(x) for x in scaled.std(axis=(0, 1, 2))),
+    )
+
+
+def pretrain_toy_backbone(
+    *,
+    pretrain_file: str | Path,
+    out_dir: str | Path,
+    width: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    seed: int,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the toy ResNet on the toyshift pretraining pool; save the backbone only."""
+    from robustft.data import toyshift
+
+    train = toyshift.read_split(pretrain_file, "train")
+    val = toyshift.read_split(pretrain_file, "val")
+    num_classes = len(toyshift.class_names(pretrain_file))
+    # The toy backbone's own "pretrained config": the statistics of its pretraining data.
+    preprocess = preprocess_of(train.images)
+    torch.manual_seed(seed)
+    kwargs = {"width": width}
+    backbone = build_backbone(architecture="toyresnet", kwargs=kwargs)
+    model = ImageClassifier(backbone=backbone, num_classes=num_classes, preprocess=preprocess)
+    settings = TrainSettings(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        momentum=0.9,
+        weight_decay=weight_decay,
+        seed=seed,
+    )
+    result = train_classifier(
+        model=model,
+        train_set=_dataset(train),
+        eval_sets={"val": _dataset(val)},
+        settings=settings,
+        select_on="val",
+        device=device,
+        progress=progress,
+    )
+    # Keep the last epoch: pretraining has no early stopping.
+    val_accuracy = result.history[-1]["val"]
+    model.cpu()
+    save_backbone(
+        backbone=model.backbone,
+        out_dir=out_dir,
+        architecture="toyresnet",
+        kwargs=kwargs,
+        preprocess=preprocess,
+        extra={
+            "pretrain": {
+                "val_accuracy": val_accuracy,
+                "settings": asdict(settings),
+                "classes": num_classes,
+            }
+        },
+    )
+    write_csv(Path(out_dir) / "history.csv", result.history)
+    return {"val_accuracy": val_accuracy}
+
+
+def train_baseline(
+    *,
+    dataset: str,
+    data_root: str | Path | Mapping[str, str | Path],
+    out_dir: str | Path,
+    ood_splits: Sequence[str],
+    architecture: str,
+    width: int,
+    epochs: int,
+    fraction: float,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    augment: bool,
+    seed: int,
+    data_options: Mapping[str, Any] | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    data_fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """A model trained from scratch on (a fraction of) the ID training data only.
+
+    Such models define the baseline line of effective robustness. The best epoch by ID val
+    is kept; ID test and the OOD splits are evaluated on it once, at the end. Images are
+    used at the training images' own size (in-memory settings: toyshift, the CIFAR ones).
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    splits = load_splits(
+        dataset=dataset,
+        data_root=data_root,
+        splits=run_splits(ood_splits),
+        data_options=data_options,
+    )
+    train = splits["train"]
+    if not isinstance(train, ImageArrays):
+        raise ValueError(
+            f"dataset {dataset!r}: baseline models are trained on in-memory settings only; "
+            f"give its published line as config key 'baseline.lines.{dataset}'"
+        )
+    count = min(len(train.labels), max(batch_size, round(fraction * len(train.labels))))
+    keep = np.sort(np.random.default_rng(seed).permutation(len(train.labels))[:count])
+    train = take(train, keep)
+    # From scratch, so the model's normalisation is that of its own training data.
+    preprocess = preprocess_of(train.images)
+    torch.manual_seed(seed)
+    backbone = build_backbone(architecture=architecture, kwargs={"width": width})
+    model = ImageClassifier(
+        backbone=backbone, num_classes=len(train.class_names), preprocess=preprocess
+    )
+    settings = TrainSettings(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        momentum=0.9,
+        weight_decay=weight_decay,
+        seed=seed,
+    )
+
+    def torch_dataset(split: str) -> torch.utils.data.Dataset:
+        arrays = train if split == "train" else splits[split]
+        return as_torch_dataset(arrays, preprocess=preprocess, transform="resize")
+
+    result = train_classifier(
+        model=model,
+        train_set=torch_dataset("train"),
+        eval_sets={"id_val": torch_dataset("val")},
+        settings=settings,
+        select_on="id_val",
+        device=device,
+        progress=progress,
+        batch_transform=train_transform(augment=augment),
+    )
+    model.load_state_dict(result.best_state)
+    scores = {
+        split_column(split): accuracy(model, torch_dataset(split), device=device)
+        for split in splits
+        if split not in ("train", "val")
+    }
+    out_dir = Path(out_dir)
+    write_csv(out_dir / "history.csv", result.history)
+    metrics = {
+        "dataset": dataset,
+        "architecture": architecture,
+        "width": width,
+        "epochs": epochs,
+        "fraction": fraction,
+        "train_images": count,
+        "seed": seed,
+        "best_epoch": result.best_epoch,
+        "id_val": result.history[result.best_epoch]["id_val"],
+        **scores,
+        "data_fingerprint": data_fingerprint or "",
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
