@@ -4,7 +4,7 @@ Each step takes paths and settings, writes its outputs atomically, and knows not
 Snakemake (the scripts in workflow/scripts call these):
 
 - `pretrain`: the toy backbone's pretraining and the from-scratch baseline models;
-- `features`: frozen features of a split, and the feature distortion of a fine-tuned run;
+- `features`: frozen features of a split, and the feature distortion of fine-tuned runs;
 - `probe`: the linear probe on those features (needs no torch);
 - `finetune`: one fine-tuning run of one method of the method table;
 - `wiseft`: WiSE-FT curves between the probe and the selected runs;
@@ -24,6 +24,7 @@ _EXPORTS = {
     "environment_info": "common",
     "extract_split": "features",
     "feature_distortion": "features",
+    "distortion_rows": "features",
     "check_probe_head": "finetune",
     "copy_probe_head": "finetune",
     "load_probe_head": "finetune",
@@ -40,6 +41,7 @@ _EXPORTS = {
 __all__ = [
     "check_probe_head",
     "copy_probe_head",
+    "distortion_rows",
     "environment_info",
     "extract_split",
     "feature_distortion",
@@ -56,7 +58,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from robustft.stages.common import environment_info
-    from robustft.stages.features import extract_split, feature_distortion
+    from robustft.stages.features import distortion_rows, extract_split, feature_distortion
     from robustft.stages.finetune import (
         check_probe_head,
         copy_probe_head,

@@ -218,3 +218,55 @@ def feature_distortion(
                 }
             )
     return rows
+
+
+def distortion_rows(
+    *,
+    dataset: str,
+    data_root: str | Path,
+    plan: Mapping[str, Mapping[str, Any]],
+    preprocess: Mapping[str, Mapping[str, Any] | None],
+    data_options: Mapping[str, Any] | None = None,
+    batch_size: int = 256,
+    num_workers: int | str = "auto",
+    precision: str = "auto",
+    threads: int = 1,
+    device: str = "cpu",
+    progress: bool = True,
+    data_fingerprint: str | None = None,
+) -> list[dict[str, Any]]:
+    """`feature_distortion` of every selected run of every backbone of a dataset, as rows
+    with `dataset` and `backbone` first.
+
+    `plan` maps a backbone to its `model_dir`, its pretrained `features` ({split: feature
+    file}) and its `selections` ({method: `select_run` file}); `preprocess` a backbone to its
+    config overrides of the pretrained preprocessing.
+    """
+    from robustft.io import read_json
+
+    rows = []
+    for backbone, entry in plan.items():
+        runs = [
+            {**run, "method": method}
+            for method, path in entry["selections"].items()
+            for run in read_json(path)["runs"]
+        ]
+        for row in feature_distortion(
+            dataset=dataset,
+            data_root=data_root,
+            model_dir=entry["model_dir"],
+            pretrained_features=entry["features"],
+            runs=runs,
+            data_options=data_options,
+            preprocess_overrides=preprocess[backbone],
+            batch_size=batch_size,
+            num_workers=num_workers,
+            precision=precision,
+            threads=threads,
+            device=device,
+            progress=progress,
+            backbone_name=backbone,
+            data_fingerprint=data_fingerprint,
+        ):
+            rows.append({"dataset": dataset, "backbone": backbone, **row})
+    return rows
