@@ -22,8 +22,8 @@ from robustft.features import write_features
 from robustft.io import sha256_file
 from robustft.models import ImageClassifier, load_backbone, save_model
 from robustft.probe import run_probe
-from robustft.report import select_run
 from robustft.runtime import job
+from robustft.selection import select_run
 from robustft.stages import extract_split, feature_distortion, run_finetune, run_wiseft
 
 ROOT = Path(__file__).resolve().parents[1]

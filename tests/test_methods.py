@@ -20,7 +20,7 @@ from robustft.methods import (
 )
 from robustft.models import ImageClassifier, Preprocess
 from robustft.models.toy import ToyResNet
-from robustft.report import select_run
+from robustft.selection import select_run
 from robustft.training import TrainSettings, train_classifier
 from robustft.wiseft import interpolate_state_dicts
 

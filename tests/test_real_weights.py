@@ -25,7 +25,7 @@ from robustft.features import extract_features
 from robustft.models import ImageClassifier, load_backbone
 from robustft.models.fetch import fetch_backbone
 from robustft.probe import fit_probe
-from robustft.report import select_run
+from robustft.selection import select_run
 from robustft.training import TrainSettings, train_classifier
 
 CASE = realdata.CI_CASE

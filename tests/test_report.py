@@ -4,7 +4,8 @@ import math
 import pandas as pd
 import pytest
 
-from robustft.report import aggregate_dataset, interval90, select_run, summarize_runs
+from robustft.report import aggregate_dataset, interval90, summarize_runs
+from robustft.selection import select_run
 
 
 def run(seed, lr, id_val, id_test, real, clipart):
