@@ -270,3 +270,48 @@ def test_remove_unowned_state_keeps_requested_runs_and_removes_the_rest(tmp_path
     assert (kept / "last.pt").exists()
     assert not stale.exists()  # its partial save and the empty folder went too
     assert any(str(stale / "last.pt") in record.message for record in caplog.records)
+
+
+def test_lr_factors_give_a_parameter_group_its_own_learning_rate(monkeypatch):
+    """A method's Setup.lr_factors ({"head.": 10}): the head trains at 10× the backbone's lr,
+    at every step of the cosine schedule; without factors there is one group, as before."""
+    from robustft import training
+
+    seen = []
+    original = training._sgd_with_cosine_schedule
+
+    def spy(params, settings, *, total_steps):
+        optimizer, scheduler = original(params, settings, total_steps=total_steps)
+        seen.append(optimizer)
+        return optimizer, scheduler
+
+    monkeypatch.setattr(training, "_sgd_with_cosine_schedule", spy)
+    torch.manual_seed(0)
+    pre = Preprocess(input_size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    images, labels = torch.rand(16, 3, 8, 8), torch.randint(0, 2, (16,))
+    data = TensorDataset(images, labels)
+    settings = TrainSettings(epochs=2, lr=0.01, batch_size=8, momentum=0.9, weight_decay=0.0)
+    for factors in (None, {"head.": 10.0}):
+        model = ImageClassifier(backbone=ToyResNet(width=2), num_classes=2, preprocess=pre)
+        train_classifier(
+            model=model,
+            train_set=data,
+            eval_sets={"id_val": data},
+            settings=settings,
+            progress=False,
+            lr_factors=factors,
+        )
+    plain, grouped = seen
+    assert len(plain.param_groups) == 1
+    backbone, head = grouped.param_groups
+    assert {id(p) for p in head["params"]} == {id(p) for p in model.head.parameters()}
+    assert head["lr"] == pytest.approx(10 * backbone["lr"])  # after the last step, too
+    with pytest.raises(ValueError, match=r"no trainable parameter starts with 'neck\.'"):
+        train_classifier(
+            model=model,
+            train_set=data,
+            eval_sets={"id_val": data},
+            settings=settings,
+            progress=False,
+            lr_factors={"neck.": 2.0},
+        )

@@ -280,6 +280,7 @@ def train_classifier(
     checkpointing: Checkpointing | None = None,
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
     extra_loss: ExtraLoss | None = None,
+    lr_factors: Mapping[str, float] | None = None,
 ) -> TrainResult:
     """SGD with momentum and a per-step cosine schedule, one `train_one_epoch` per epoch.
 
@@ -299,6 +300,8 @@ def train_classifier(
     `on_epoch_end(epoch, model)` runs after each epoch's evaluation (to keep checkpoints).
     `extra_loss(model=, images=, logits=, labels=)` is added to `loss_fn` at every step (the
     augmented images the model saw); the logged train loss includes it.
+    `lr_factors` {parameter-name prefix: factor}: those parameters train at lr × factor (the
+    longest matching prefix wins; e.g. {"head.": 10} for a 10× head learning rate).
     """
     if select_on not in eval_sets:
         raise ValueError(f"select_on={select_on!r} is not one of the eval sets {list(eval_sets)}")
@@ -307,7 +310,7 @@ def train_classifier(
     total_steps = settings.epochs * steps_per_epoch
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = _parameter_groups(model, settings=settings, lr_factors=lr_factors)
     optimizer, scheduler = _sgd_with_cosine_schedule(params, settings, total_steps=total_steps)
     model.to(device=device, memory_format=memory_format(device))
     if settings.bn_momentum is not None:
@@ -428,8 +431,29 @@ def _steps_per_epoch(train_set: Dataset, settings: TrainSettings) -> int:
     return steps
 
 
+def _parameter_groups(
+    model: nn.Module, *, settings: TrainSettings, lr_factors: Mapping[str, float] | None
+) -> list[nn.Parameter] | list[dict[str, Any]]:
+    """The trainable parameters; with `lr_factors`, one SGD group per factor (lr × factor),
+    in the order the parameters first appear. Without, the plain list (one group)."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not lr_factors:
+        return [p for _, p in trainable]
+    unmatched = [
+        prefix for prefix in lr_factors if not any(n.startswith(prefix) for n, _ in trainable)
+    ]
+    if unmatched:
+        raise ValueError(f"lr_factors: no trainable parameter starts with {unmatched[0]!r}")
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, param in trainable:
+        prefixes = [prefix for prefix in lr_factors if name.startswith(prefix)]
+        factor = float(lr_factors[max(prefixes, key=len)]) if prefixes else 1.0
+        groups.setdefault(factor, []).append(param)
+    return [{"params": ps, "lr": settings.lr * factor} for factor, ps in groups.items()]
+
+
 def _sgd_with_cosine_schedule(
-    params: list[nn.Parameter], settings: TrainSettings, *, total_steps: int
+    params: list[nn.Parameter] | list[dict[str, Any]], settings: TrainSettings, *, total_steps: int
 ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
     """SGD with momentum, and its learning rate decayed per step (`cosine_lr`)."""
     optimizer = torch.optim.SGD(

@@ -44,13 +44,15 @@ class Setup:
 
     loss_fn: replaces cross-entropy (called as loss_fn(logits, labels)); extra_loss: a term
     added to it, called as extra_loss(model=, images=, logits=, labels=); finalize: applied to
-    the trained model before it is saved (LoRA merges its adapters). Parameters the hook sets
+    the trained model before it is saved (LoRA merges its adapters); lr_factors: {parameter
+    name prefix: learning-rate factor}, e.g. {"head.": 10.0}. Parameters the hook sets
     `requires_grad_(False)` do not train.
     """
 
     loss_fn: Any = None
     extra_loss: Callable[..., Any] | None = None
     finalize: Callable[[Any], Any] | None = None
+    lr_factors: Mapping[str, float] | None = None
 
 
 @dataclass(frozen=True)

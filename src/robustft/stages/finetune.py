@@ -285,6 +285,7 @@ def run_finetune(
             on_epoch_end=keep_checkpoint,
             loss_fn=setup.loss_fn,
             extra_loss=setup.extra_loss,
+            lr_factors=setup.lr_factors,
         )
         raise_if_stop_requested(checkpointing, when="after training")
         model.load_state_dict(result.best_state)
