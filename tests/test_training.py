@@ -298,6 +298,7 @@ def test_lr_factors_give_a_parameter_group_its_own_learning_rate(monkeypatch):
             train_set=data,
             eval_sets={"id_val": data},
             settings=settings,
+            select_on="id_val",
             progress=False,
             lr_factors=factors,
         )
@@ -312,6 +313,7 @@ def test_lr_factors_give_a_parameter_group_its_own_learning_rate(monkeypatch):
             train_set=data,
             eval_sets={"id_val": data},
             settings=settings,
+            select_on="id_val",
             progress=False,
             lr_factors={"neck.": 2.0},
         )

@@ -310,8 +310,9 @@ def train_classifier(
     total_steps = settings.epochs * steps_per_epoch
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
-    params = _parameter_groups(model, settings=settings, lr_factors=lr_factors)
-    optimizer, scheduler = _sgd_with_cosine_schedule(params, settings, total_steps=total_steps)
+    groups = _parameter_groups(model, settings=settings, lr_factors=lr_factors)
+    optimizer, scheduler = _sgd_with_cosine_schedule(groups, settings, total_steps=total_steps)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # for clipping
     model.to(device=device, memory_format=memory_format(device))
     if settings.bn_momentum is not None:
         set_batchnorm_momentum(model, settings.bn_momentum)
