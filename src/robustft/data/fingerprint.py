@@ -14,9 +14,10 @@ Listings are cached per folder, keyed by the folder's modification time (which c
 an entry is added, removed or renamed), and content hashes per file, keyed by size and
 modification time: a rerun stats the folders and the data files, not every image, so that
 the fingerprint of ImageNet costs milliseconds once its first listing exists. Hidden entries
-(`.ipynb_checkpoints/`, `.DS_Store`) and `__MACOSX/` are no part of any dataset.
+(`.ipynb_checkpoints/`, `.DS_Store`) and `__MACOSX/` are no part of any dataset: the
+readers' own rules (`readers.is_hidden`, `readers.IMAGE_EXTENSIONS`) decide.
 
-Imported by the workflow at parse time: standard library only.
+Imported by the workflow at parse time: no torch.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-IMAGE_EXTENSIONS = frozenset((".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"))
+from robustft.data.readers import IMAGE_EXTENSIONS, is_hidden
+from robustft.io import sha256_file, write_text
+
 # Archives beside the extracted data are not read by any reader: size only, never hashed.
 ARCHIVE_EXTENSIONS = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z")
 CACHE_FORMAT = 1
@@ -40,21 +42,9 @@ CACHE_FORMAT = 1
 RACY_NS = 2_000_000_000
 
 
-def is_hidden(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
-
-
 def _is_hashed(name: str) -> bool:
     suffix = os.path.splitext(name)[1].lower()
     return suffix not in IMAGE_EXTENSIONS and not name.lower().endswith(ARCHIVE_EXTENSIONS)
-
-
-def sha256_of(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -90,18 +80,6 @@ def _load_cache(path: Path | None, root: str) -> dict[str, Any]:
     if cache.get("root") != root:
         return empty
     return cache
-
-
-def _save_cache(path: Path, cache: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(cache, handle, sort_keys=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _list_folder(path: str, now_ns: int, mtime_ns: int) -> dict[str, Any]:
@@ -180,7 +158,7 @@ def tree_fingerprint(
             elif stat.st_size > max_hash_bytes:
                 content = f"size:{stat.st_size}"
             else:
-                content = sha256_of(file_path)
+                content = sha256_file(file_path)
             hashes[file_relative] = [*key, content]
             lines.append(f"F {file_relative}\0{content}")
             result.data_files[file_relative] = content
@@ -191,7 +169,7 @@ def tree_fingerprint(
     if cache_path is not None and new_cache != cache:
         # A read-only results folder only costs the next run a fresh listing.
         with contextlib.suppress(OSError):
-            _save_cache(cache_path, new_cache)
+            write_text(cache_path, json.dumps(new_cache, sort_keys=True))
     return result
 
 
@@ -200,7 +178,7 @@ def file_fingerprint(path: str | Path) -> TreeFingerprint:
     path = Path(path)
     if not path.is_file():
         return TreeFingerprint(root=str(path), fingerprint=f"missing:{path}")
-    digest = sha256_of(path)
+    digest = sha256_file(path)
     return TreeFingerprint(
         root=str(path.resolve()),
         fingerprint=digest,

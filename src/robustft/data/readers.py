@@ -155,7 +155,8 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _is_hidden_folder(name: str) -> bool:
+def is_hidden(name: str) -> bool:
+    """A hidden file or folder, or macOS's `__MACOSX`: never part of a dataset."""
     return name.startswith(".") or name in NOT_CLASS_FOLDERS
 
 
@@ -173,7 +174,7 @@ def _short(names: Sequence[str], *, limit: int = 5) -> str:
 def _class_folders(root: Path) -> list[str]:
     """Sorted class folders of `root`; the others are ignored with one warning line."""
     folders = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
-    hidden = [name for name in folders if _is_hidden_folder(name)]
+    hidden = [name for name in folders if is_hidden(name)]
     empty = [name for name in folders if name not in hidden and not _has_image(root / name)]
     if hidden or empty:
         parts = [f"hidden: {_short(hidden)}"] if hidden else []
