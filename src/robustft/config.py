@@ -285,11 +285,5 @@ def _user_section(method: Method, *, template: Mapping[str, Any]) -> dict[str, A
     return section
 
 
-def finetune_methods(config: Mapping[str, Any]) -> dict[str, Method]:
-    """{name: entry} of the fine-tuning methods the (validated) config runs, in its order."""
-    table = method_table(config["finetune"])
-    return {name: table[name] for name in config["methods"] if name in table}
-
-
 def grid_keys(method: Method) -> set[str]:
     return {"lr_grid", *method.swept.values()}

@@ -14,7 +14,6 @@ os.environ.update(
 )
 
 from robustft.config import (
-    finetune_methods,
     grid_keys,
     ConfigError,
     format_hparam,
@@ -65,7 +64,7 @@ for _dataset, _options in DATASET_OPTIONS.items():
 # The fine-tuning methods this config runs, from the method table (robustft.methods): lp,
 # wiseft and zeroshot have rules of their own. Nothing here names a fine-tuning method.
 METHOD_TABLE = method_table(config["finetune"])
-FINETUNE_METHODS = list(finetune_methods(config))
+FINETUNE_METHODS = [name for name in config["methods"] if name in METHOD_TABLE]
 WISEFT_METHODS = [m for m in config["wiseft"]["methods"] if m in FINETUNE_METHODS]
 LOGS = "results/logs"
 # One manifest per dataset (rule fingerprint_dataset); listings cached between runs.
