@@ -16,6 +16,7 @@ rule train_baseline:
         f"{LOGS}/train_baseline/{{dataset}}/{{baseline}}.log",
     benchmark:
         f"{BENCHMARKS}/train_baseline/{{dataset}}/{{baseline}}.tsv"
+    priority: PRIORITY["baseline"]
     conda:
         "../../envs/torch.yaml"
     threads: get_threads("finetune")
@@ -90,6 +91,7 @@ rule feature_distortion:
         f"{LOGS}/feature_distortion/{{dataset}}.log",
     benchmark:
         f"{BENCHMARKS}/feature_distortion/{{dataset}}.tsv"
+    priority: PRIORITY["after_selection"]
     conda:
         "../../envs/torch.yaml"
     threads: get_threads("features")

@@ -485,6 +485,28 @@ def get_threads(stage):
     return config["resources"][stage]["threads"]
 
 
+# Which ready job runs first when cores are scarce: the critical path. The backbone gates
+# every run, features and the probe gate LP-FT, the runs WiSE-FT interpolates gate it, and the
+# baseline models only feed the last table, so they fill idle cores. Order only: no output
+# depends on it.
+PRIORITY = {
+    "pretrain": 100,
+    "features": 90,
+    "probe": 90,
+    "selection": 80,
+    "after_selection": 70,
+    "finetune_gating": 50,
+    "finetune": 40,
+    "baseline": 10,
+}
+
+
+def get_finetune_priority(wildcards):
+    if wildcards.method in WISEFT_METHODS:
+        return PRIORITY["finetune_gating"]
+    return PRIORITY["finetune"]
+
+
 def baseline_name(model):
     fraction = format_hparam(model["fraction"])
     return f"w{model['width']}-e{model['epochs']}-f{fraction}"

@@ -11,6 +11,7 @@ rule extract_features:
         f"{LOGS}/extract_features/{{backbone}}/{{dataset}}/{{split}}.log",
     benchmark:
         f"{BENCHMARKS}/extract_features/{{backbone}}/{{dataset}}/{{split}}.tsv"
+    priority: PRIORITY["features"]
     conda:
         "../../envs/torch.yaml"
     threads: get_threads("features")

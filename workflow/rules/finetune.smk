@@ -16,6 +16,7 @@ rule finetune:
         f"{LOGS}/finetune/{{method}}/{{backbone}}/{{dataset}}/{{run}}/seed{{seed}}.log",
     benchmark:
         f"{BENCHMARKS}/finetune/{{method}}/{{backbone}}/{{dataset}}/{{run}}/seed{{seed}}.tsv"
+    priority: get_finetune_priority
     conda:
         "../../envs/torch.yaml"
     threads: get_threads("finetune")
@@ -45,6 +46,7 @@ rule select_run:
         "results/selected/{method}/{backbone}/{dataset}.json",
     log:
         f"{LOGS}/select_run/{{method}}/{{backbone}}/{{dataset}}.log",
+    priority: PRIORITY["selection"]
     conda:
         "../../envs/analysis.yaml"
     script:

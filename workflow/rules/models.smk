@@ -19,6 +19,7 @@ rule pretrain_backbone:
         f"{LOGS}/pretrain_backbone/toyresnet.log",
     benchmark:
         f"{BENCHMARKS}/pretrain_backbone/toyresnet.tsv"
+    priority: PRIORITY["pretrain"]
     conda:
         "../../envs/torch.yaml"
     threads: get_threads("pretrain")

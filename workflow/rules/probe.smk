@@ -19,6 +19,7 @@ rule fit_probe:
         f"{LOGS}/fit_probe/{{backbone}}/{{dataset}}/seed{{seed}}.log",
     benchmark:
         f"{BENCHMARKS}/fit_probe/{{backbone}}/{{dataset}}/seed{{seed}}.tsv"
+    priority: PRIORITY["probe"]
     conda:
         "../../envs/analysis.yaml"
     threads: get_threads("probe")

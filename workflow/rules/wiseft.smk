@@ -17,6 +17,7 @@ rule wiseft:
         f"{LOGS}/wiseft/{{backbone}}/{{dataset}}/seed{{seed}}.log",
     benchmark:
         f"{BENCHMARKS}/wiseft/{{backbone}}/{{dataset}}/seed{{seed}}.tsv"
+    priority: PRIORITY["after_selection"]
     conda:
         "../../envs/torch.yaml"
     threads: get_threads("features")
