@@ -102,9 +102,9 @@ def _inline(text: str) -> str:
     return "".join(f"<code>{part}</code>" if odd % 2 else part for odd, part in enumerate(parts))
 
 
-def _table(rows: list[tuple[str, dict, bool]]) -> str:
+def _table(rows: list[tuple[str, dict, bool]], *, kind: str) -> str:
     lines = [
-        '<table class="robustft-config-keys">',
+        f'<table class="robustft-{kind}">',
         "<thead><tr><th>key</th><th>type</th><th>default</th><th>description</th></tr></thead>",
         "<tbody>",
     ]
@@ -141,7 +141,7 @@ def keys_markdown(schema: Mapping[str, Any]) -> str:
     sections = []
     for top in schema["properties"]:
         rows = [row for row in _rows(schema) if re.match(rf"{top}($|[.\[])", row[0])]
-        sections.append(f"## `{top}`\n\n{_table(rows)}\n")
+        sections.append(f"## `{top}`\n\n{_table(rows, kind='config-keys')}\n")
     return "\n".join(sections)
 
 
@@ -150,7 +150,7 @@ def user_method_markdown(schema: Mapping[str, Any], with_method: Mapping[str, An
     known = {path for path, _ in schema_keys(schema)}
     rows = [row for row in _rows(with_method) if row[0] not in known]
     rows.sort(key=lambda row: not row[0].startswith("finetune."))  # its own section first
-    return _table(rows) + "\n"
+    return _table(rows, kind="user-method-keys") + "\n"
 
 
 def _schemas(root: Path) -> tuple[dict, dict]:
