@@ -67,7 +67,7 @@ def schema_keys(spec: dict, prefix: str = ""):
 
 
 class _Tables(HTMLParser):
-    """Text of the cells of every <table class=...> row, by table class."""
+    """Text of the cells of every row of the generated tables, by their `data-robustft`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -77,7 +77,7 @@ class _Tables(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
         if tag == "table":
-            self._table = dict(attrs).get("class") or ""
+            self._table = dict(attrs).get("data-robustft") or ""
         elif tag == "tr" and self._table is not None:
             self.rows.setdefault(self._table, []).append([])
         elif tag == "td" and self._table is not None:
@@ -98,7 +98,7 @@ class _Tables(HTMLParser):
 def page_rows(site: Path, kind: str) -> dict[str, list[str]]:
     parser = _Tables()
     parser.feed((site / "configuration" / "index.html").read_text(encoding="utf-8"))
-    rows = [row for row in parser.rows.get(f"robustft-{kind}", []) if row]
+    rows = [row for row in parser.rows.get(kind, []) if row]
     by_key = {re.sub(r"<[^>]+>", "<*>", row[0]): row for row in rows}
     assert len(by_key) == len(rows), "a key is listed twice"
     return by_key

@@ -104,7 +104,7 @@ def _inline(text: str) -> str:
 
 def _table(rows: list[tuple[str, dict, bool]], *, kind: str) -> str:
     lines = [
-        f'<table class="robustft-{kind}">',
+        f'<table data-robustft="{kind}">',  # no class: Material styles class-less tables
         "<thead><tr><th>key</th><th>type</th><th>default</th><th>description</th></tr></thead>",
         "<tbody>",
     ]
