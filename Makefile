@@ -1,5 +1,6 @@
 # make run   — create .venv, install the pinned dependencies, run the default experiment
 # make test  — the same install, then the whole test suite (what CI runs)
+# make docs  — serve the documentation site (docs/, mkdocs.yml) at http://127.0.0.1:8000
 # make clean-state ARGS='--configfile configs/paper.yaml' — delete resumable state that no run
 #             of that config owns (stopped runs whose settings changed or left the config)
 PYTHON ?= python3
@@ -7,7 +8,7 @@ VENV ?= .venv
 CORES ?= 2
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint format dag report clean clean-state
+.PHONY: install run test lint format dag report docs clean clean-state
 
 install: $(VENV)/.installed
 
@@ -35,6 +36,10 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 	$(BIN)/snakefmt Snakefile workflow/rules
+
+# NO_MKDOCS_2_WARNING: Material prints a banner about its end of life on every start.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 report: install
 	$(BIN)/snakemake --report results/report.html

@@ -21,7 +21,7 @@ def test_missing_keys_get_schema_defaults():
     config = validate_config({}, SCHEMA)
     assert config["methods"] == ["lp", "ft", "lpft"]
     assert config["finetune"]["lpft"]["bn"] == "frozen"
-    # Kumar et al.: FT trains the statistics, LP-FT freezes them (and is clipped, README).
+    # Kumar et al.: FT trains the statistics, LP-FT freezes them (and is clipped, docs/methods.md).
     assert config["finetune"]["ft"]["bn"] == "train"
     assert config["finetune"]["ft"]["clip_grad_norm"] is None
     assert config["finetune"]["lpft"]["clip_grad_norm"] == 5.0

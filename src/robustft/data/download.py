@@ -215,8 +215,8 @@ def build_breeds_class_maps(folder: str | Path) -> None:
     except ImportError:
         raise DownloadError(
             f"{folder}: building living17.json/entity30.json from the BREEDS info files needs "
-            "the `robustness` package (pip install robustness==1.2.1.post2), or set "
-            "paths.breeds to a folder holding them (format: README, 'BREEDS class maps')"
+            "the `robustness` package (pip install robustness==1.2.1.post2), or set paths.breeds "
+            "to a folder holding them (format: docs/paper-settings.md, 'BREEDS class maps')"
         ) from None
     for name, make in (
         ("living17", breeds_helpers.make_living17),

@@ -8,7 +8,7 @@ of a tree hashes
 
 A file's modification time is not part of it: `touch` changes nothing, adding, removing or
 renaming an image or editing a list does. An image overwritten in place by one of exactly the
-same size is the one change it cannot see (README, "Caching").
+same size is the one change it cannot see (docs/reliability.md, "Data fingerprints").
 
 Listings are cached per folder, keyed by the folder's modification time (which changes when
 an entry is added, removed or renamed), and content hashes per file, keyed by size and

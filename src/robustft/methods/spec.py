@@ -10,7 +10,7 @@ WiSE-FT, ER and distortion) reads the table; nothing else names a fine-tuning me
 A user's own method is an entry point named in the config,
 `finetune.<name>: {entry: "mypkg.mymodule:make_method", lr_grid: [...], ...}` (or
 `"path/to/file.py:make_method"`, relative to the working directory), a function that takes
-no arguments and returns a `Method`. See README, "Your own method".
+no arguments and returns a `Method`. See docs/methods.md, "Your own method".
 
 Imported by the workflow at parse time: standard library only. The built-in hooks are named
 as "module:function" strings and imported by the job that trains.

@@ -215,7 +215,7 @@ class _RowBlocks:
     """x·Wᵀ and Rᵀ·x for tall float32 x (n × d) and few columns in W and R.
 
     On a CPU these go through batched products over blocks of 1024 rows: with MKL on the
-    2-core AMD EPYC of the README's benchmarks, 1.5× faster than one tall-skinny product.
+    2-core AMD EPYC of docs/performance.md, 1.5× faster than one tall-skinny product.
     On a GPU, one product.
     """
 
