@@ -35,28 +35,43 @@ def _accuracies(source: Mapping[str, Any], ood_splits: Sequence[str], *, where: 
     return row
 
 
+def line_from_settings(settings: Mapping[str, Any]) -> BaselineLine:
+    """A line of `baseline.lines`: slope, intercept and, where given, r and n_models."""
+    return BaselineLine(
+        slope=float(settings["slope"]),
+        intercept=float(settings["intercept"]),
+        r_value=float(settings.get("r", float("nan"))),
+        models=int(settings.get("n_models", 0)),
+    )
+
+
 def baseline_lines(
     *,
     baseline: pd.DataFrame | None,
     ood_splits: Sequence[str],
-    published: Mapping[str, float] | None = None,
+    published: Mapping[str, Any] | None = None,
+    key: str = "baseline.lines",
 ) -> dict[str, BaselineLine]:
-    """One line per OOD split and one for the mean: fitted over the baseline models, or the
-    published `{slope, intercept}` for every split when given."""
+    """One line per OOD split and one for the mean: fitted over the baseline models, or
+    published. A published `{slope, intercept, ...}` serves every split and the mean; a
+    published `{split: {slope, intercept, ...}}` needs every OOD split, and without a `mean`
+    entry the mean has no line (its ER is then the mean of the splits' ERs)."""
     keys = [*ood_splits, MEAN]
+    if published and "slope" in published:
+        return dict.fromkeys(keys, line_from_settings(published))
     if published:
-        line = BaselineLine(
-            slope=float(published["slope"]), intercept=float(published["intercept"])
-        )
-        return dict.fromkeys(keys, line)
+        missing = [split for split in ood_splits if split not in published]
+        if missing:
+            raise ValueError(f"{key}: no line for OOD split(s) {missing}")
+        return {split: line_from_settings(published[split]) for split in keys if split in published}
     if baseline is None or baseline.empty:
         raise ValueError("no baseline models and no published line: cannot compute ER")
     return {
-        key: fit_baseline(
+        split: fit_baseline(
             id_accuracy=baseline["id"].to_numpy(),
-            ood_accuracy=baseline["ood" if key == MEAN else f"ood_{key}"].to_numpy(),
+            ood_accuracy=baseline["ood" if split == MEAN else f"ood_{split}"].to_numpy(),
         )
-        for key in keys
+        for split in keys
     }
 
 
@@ -67,7 +82,7 @@ def effective_robustness_table(
     baseline_files: Sequence[str | Path],
     probe_files: Mapping[str, Sequence[str | Path]],
     selection_files: Mapping[str, str | Path],
-    published_line: Mapping[str, float] | None = None,
+    published_line: Mapping[str, Any] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, BaselineLine]]:
     """ER of every baseline model, probe and fine-tuning epoch (the selected lr, every seed).
 
@@ -127,16 +142,26 @@ def effective_robustness_table(
     check_same(records=origins, name=DATA_FINGERPRINT, rerun="train_baseline fit_probe finetune")
     table = pd.DataFrame(rows)
     baseline = table[table["method"] == "baseline"]
-    lines = baseline_lines(baseline=baseline, ood_splits=ood_splits, published=published_line)
+    lines = baseline_lines(
+        baseline=baseline,
+        ood_splits=ood_splits,
+        published=published_line,
+        key=f"baseline.lines.{dataset}",
+    )
     for split in ood_splits:
         table[f"er_pts_{split}"] = 100 * effective_robustness(
             id_accuracy=table["id"].to_numpy(),
             ood_accuracy=table[f"ood_{split}"].to_numpy(),
             line=lines[split],
         )
-    table["er_pts"] = 100 * effective_robustness(
-        id_accuracy=table["id"].to_numpy(), ood_accuracy=table["ood"].to_numpy(), line=lines[MEAN]
-    )
+    if MEAN in lines:
+        table["er_pts"] = 100 * effective_robustness(
+            id_accuracy=table["id"].to_numpy(),
+            ood_accuracy=table["ood"].to_numpy(),
+            line=lines[MEAN],
+        )
+    else:  # published per-split lines only
+        table["er_pts"] = table[[f"er_pts_{split}" for split in ood_splits]].mean(axis=1)
     table.insert(0, "dataset", dataset)
     return table, lines
 
@@ -154,7 +179,7 @@ def write_effective_robustness(
         table.to_csv(tmp, index=False, float_format="%.6g")
     write_json(line_path, {key: asdict(line) for key, line in lines.items()})
     plot_er_along_training(table, out_path=er_plot)
-    plot_logit_id_vs_ood(table, line=lines[MEAN], out_path=scatter_plot)
+    plot_logit_id_vs_ood(table, line=lines.get(MEAN), out_path=scatter_plot)
 
 
 def _training_curves(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -225,9 +250,11 @@ def plot_er_along_training(table: pd.DataFrame, *, out_path: str | Path) -> None
     _save(fig, out_path)
 
 
-def plot_logit_id_vs_ood(table: pd.DataFrame, *, line: BaselineLine, out_path: str | Path) -> None:
-    """ID vs mean OOD accuracy on logit axes: baseline models, the fitted line, the probe and
-    the fine-tuning trajectories."""
+def plot_logit_id_vs_ood(
+    table: pd.DataFrame, *, line: BaselineLine | None, out_path: str | Path
+) -> None:
+    """ID vs mean OOD accuracy on logit axes: baseline models, the fitted line (none where
+    only per-split lines are published), the probe and the fine-tuning trajectories."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,13 +277,14 @@ def plot_logit_id_vs_ood(table: pd.DataFrame, *, line: BaselineLine, out_path: s
     low = min(table["id"].min(), 0.1)
     high = max(table["id"].max(), 0.9)
     xs = np.linspace(max(low * 0.8, clip[0]), min(1 - (1 - high) * 0.5, clip[1]), 200)
-    ax.plot(
-        xs,
-        line.predict(xs),
-        color="0.3",
-        linestyle="--",
-        label=f"fit: logit(OOD) = {line.slope:.2f}·logit(ID) {line.intercept:+.2f}",
-    )
+    if line is not None:
+        ax.plot(
+            xs,
+            line.predict(xs),
+            color="0.3",
+            linestyle="--",
+            label=f"fit: logit(OOD) = {line.slope:.2f}·logit(ID) {line.intercept:+.2f}",
+        )
     for label, curve in _training_curves(table).items():
         ax.plot(
             curve["id"].clip(*clip), curve["ood"].clip(*clip), marker="o", markersize=3, label=label
