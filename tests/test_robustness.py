@@ -45,6 +45,22 @@ def test_effective_robustness_is_zero_on_the_line_and_signed_off_it():
     ) == pytest.approx(0.05)
 
 
+def test_an_er_beyond_the_baseline_models_id_range_is_flagged():
+    # A line fitted over models at 30-70% ID says nothing measured about a model at 90%.
+    ids = np.array([0.3, 0.5, 0.7])
+    line = fit_baseline(id_accuracy=ids, ood_accuracy=sigmoid(0.8 * logit(ids) - 0.5))
+    assert line.id_range == (0.3, 0.7)
+    assert line.outside_range(np.array([0.29, 0.3, 0.5, 0.7, 0.9])).tolist() == [
+        True,
+        False,
+        False,
+        False,
+        True,
+    ]
+    # A line with no known range (a published one without id_range) flags nothing.
+    assert not BaselineLine(slope=1.0, intercept=0.0).outside_range(0.99)
+
+
 def test_a_line_needs_two_different_models():
     with pytest.raises(ValueError, match="at least two models"):
         fit_baseline(id_accuracy=[0.5], ood_accuracy=[0.4])

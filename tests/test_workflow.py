@@ -183,6 +183,8 @@ def test_effective_robustness_table_has_every_epoch_and_the_baseline(tiny_run):
         assert sorted(rows["epoch"]) == [0, 0, 1, 1, 2, 2]
     for column in ("er_pts", "er_pts_real", "er_pts_clipart", "er_pts_painting"):
         assert table[column].notna().all()
+    # The baseline models span the line's ID range; only other models can fall outside it.
+    assert not table.loc[table["method"] == "baseline", "outside_line_range"].any()
     line = json.loads((tiny_run / "results/analysis/er/toyshift_line.json").read_text())
     assert set(line) == {"real", "clipart", "painting", "mean"}
     # The line is the least-squares fit over the baseline models in logit space: their

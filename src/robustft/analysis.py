@@ -42,6 +42,7 @@ def line_from_settings(settings: Mapping[str, Any]) -> BaselineLine:
         intercept=float(settings["intercept"]),
         r_value=float(settings.get("r", float("nan"))),
         models=int(settings.get("n_models", 0)),
+        id_range=tuple(map(float, settings["id_range"])) if "id_range" in settings else None,
     )
 
 
@@ -162,6 +163,11 @@ def effective_robustness_table(
         )
     else:  # published per-split lines only
         table["er_pts"] = table[[f"er_pts_{split}" for split in ood_splits]].mean(axis=1)
+    # An ER read off a line beyond the ID accuracies it was fitted over is an extrapolation.
+    outside = np.zeros(len(table), dtype=bool)
+    for line in lines.values():
+        outside |= line.outside_range(table["id"].to_numpy())
+    table["outside_line_range"] = outside
     table.insert(0, "dataset", dataset)
     return table, lines
 

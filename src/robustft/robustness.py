@@ -33,10 +33,21 @@ class BaselineLine:
     intercept: float
     r_value: float = float("nan")
     models: int = 0
+    # Lowest and highest ID accuracy of the models it was fitted over: where it was measured.
+    # Beyond it the line is an extrapolation, and an ER read from it is flagged.
+    id_range: tuple[float, float] | None = None
 
     def predict(self, id_accuracy: float | np.ndarray) -> np.ndarray:
         """The OOD accuracy the line expects at this ID accuracy."""
         return sigmoid(self.slope * logit(id_accuracy) + self.intercept)
+
+    def outside_range(self, id_accuracy: float | np.ndarray) -> np.ndarray:
+        """Whether each ID accuracy lies outside `id_range` (False where the range is unknown)."""
+        id_accuracy = np.asarray(id_accuracy, dtype=np.float64)
+        if self.id_range is None:
+            return np.zeros(id_accuracy.shape, dtype=bool)
+        low, high = self.id_range
+        return (id_accuracy < low) | (id_accuracy > high)
 
 
 def fit_baseline(*, id_accuracy: Sequence[float], ood_accuracy: Sequence[float]) -> BaselineLine:
@@ -56,6 +67,7 @@ def fit_baseline(*, id_accuracy: Sequence[float], ood_accuracy: Sequence[float])
         intercept=float(fit.intercept),
         r_value=float(fit.rvalue),
         models=len(x),
+        id_range=(float(np.min(id_accuracy)), float(np.max(id_accuracy))),
     )
 
 
