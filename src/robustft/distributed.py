@@ -377,7 +377,10 @@ def worker_main(folder: Path) -> None:
     if rank and "progress" in kwargs:
         kwargs["progress"] = False
     outcome: dict[str, Any] = {}
-    with runtime.job(log_path=None, threads=spec["threads"]):
+    # SIGTERM only sets the flag, from start to end: the training loop stops all ranks at
+    # one step, and a second SIGTERM (torchrun passes one on to the ranks still running when
+    # one has stopped) cannot cut the outcome short.
+    with runtime.job(log_path=None, threads=spec["threads"]), runtime.sigterm_deferred():
         _quiet_other_ranks(rank)
         try:
             with _process_group(device=device):
