@@ -354,3 +354,57 @@ def test_slurm_dry_run_of_the_paper_config_asks_for_gpus_on_the_gpu_rules_only(t
             assert resources.get("gpu") == "1", (rule, resources)
         else:
             assert "gpu" not in resources and "gpu_model" not in resources, (rule, resources)
+
+
+class _Resources(dict):
+    """A job's resources as the plugin reads them: .get() and attributes."""
+
+    __getattr__ = dict.__getitem__
+
+
+@pytest.mark.workflow
+def test_a_multi_gpu_finetune_job_is_one_slurm_task_holding_all_its_gpus(tmp_path):
+    """resources.finetune.gpu = 2: the profile's `tasks: 0` keeps the plugin from adding
+    --ntasks-per-gpu (which would run the script twice, one GPU each): sbatch gets --gpus=2
+    and one task, and the job step `srun -n1 --gpus=2` runs the one process that starts its
+    two workers (docs/multi-gpu.md)."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+    from snakemake_executor_plugin_slurm_jobstep import get_gpu_setting
+
+    result = _run(
+        [
+            *SNAKEMAKE,
+            "-n",
+            "--profile",
+            str(PROFILE.parent),
+            "--configfile",
+            str(TINY),
+            "--config",
+            "resources={'finetune': {'gpu': 2}}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    finetune = [
+        resources for rule, resources in _dry_run_resources(result.stdout) if rule == "finetune"
+    ]
+    assert finetune
+    for planned in finetune:
+        assert planned["gpu"] == "2" and planned["tasks"] == "0", planned
+        resources = _Resources(
+            {key: int(value) if value.isdigit() else value for key, value in planned.items()}
+        )
+        job = type("Job", (), {"resources": resources, "threads": resources["cpus_per_task"]})
+        params = {
+            "run_uuid": "u",
+            "slurm_logfile": "log",
+            "comment_str": "c",
+            "account": "",
+            "partition": "",
+            "workdir": "",
+        }
+        sbatch = get_submit_command(job, params)
+        assert "--ntasks-per-gpu" not in sbatch and "--ntasks=" not in sbatch, sbatch
+        assert set_gres_string(job).strip() == "--gpus=2"
+        assert get_gpu_setting(job) == "--gpus=2"

@@ -13,6 +13,13 @@ The loop can save resumable state (where and how often: `Checkpointing`; what: `
 saved and restored by `Checkpointer`) every epoch, every few minutes and on SIGTERM; a rerun
 with the same state file continues where it stopped and ends with exactly the history and
 weights of an uninterrupted run.
+
+With `parallel` (a data-parallel worker, see `robustft.distributed`) the loop runs on several
+processes as one: every rank shuffles with the same generator, takes its share of each global
+batch (`distributed.share_of_batches`) and its rows of the batch's augmentation draws
+(`BatchTransform` with `share=`); DistributedDataParallel averages the gradients; history sums
+are summed over the ranks every step; evaluation is dealt out by batches and gathered; rank 0
+saves the state, all ranks restore it; SIGTERM to any rank stops every rank at the same step.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import logging
 import math
 import os
@@ -31,10 +39,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from robustft import distributed
 from robustft.data.datasets import BatchTransform, memory_format, to_float
+from robustft.distributed import Parallel
 from robustft.evaluate import accuracy
 from robustft.io import atomic_path
 from robustft.runtime import StopRequested, sigterm_deferred, stop_requested
@@ -64,6 +75,9 @@ class TrainSettings:
     collapse_loss_factor: float | None = 10.0  # see `collapse_reason`; None = off
     num_workers: int = 0  # DataLoader processes decoding images (image-file datasets)
     precision: str = "fp32"  # "bf16": forward pass under bf16 autocast (GPU throughput)
+    # Several processes with bn "train": BatchNorm statistics over the global batch
+    # (SyncBatchNorm, GPUs only); False = each process normalises with its own share.
+    sync_batchnorm: bool = True
 
     def __post_init__(self) -> None:
         if self.bn not in BN_MODES:
@@ -132,9 +146,12 @@ def remove_unowned_state(*, root: str | Path, owned: Iterable[str | Path]) -> li
     return removed
 
 
-def raise_if_stop_requested(checkpointing: Checkpointing | None, *, when: str) -> None:
-    """Raise `StopRequested` if SIGTERM has arrived, naming the state a rerun resumes from."""
-    if stop_requested():
+def raise_if_stop_requested(
+    checkpointing: Checkpointing | None, *, when: str, stopped: bool | None = None
+) -> None:
+    """Raise `StopRequested` if SIGTERM has arrived (or if `stopped`: another rank's SIGTERM),
+    naming the state a rerun resumes from."""
+    if stop_requested() if stopped is None else stopped:
         where = f"; state saved to {checkpointing.path}" if checkpointing else ""
         raise StopRequested(f"stopped by SIGTERM {when}{where}")
 
@@ -281,6 +298,7 @@ def train_classifier(
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
     extra_loss: ExtraLoss | None = None,
     lr_factors: Mapping[str, float] | None = None,
+    parallel: Parallel | None = None,
 ) -> TrainResult:
     """SGD with momentum and a per-step cosine schedule, one `train_one_epoch` per epoch.
 
@@ -302,14 +320,24 @@ def train_classifier(
     augmented images the model saw); the logged train loss includes it.
     `lr_factors` {parameter-name prefix: factor}: those parameters train at lr × factor (the
     longest matching prefix wins; e.g. {"head.": 10} for a 10× head learning rate).
+    `parallel`: this process's rank among the data-parallel processes (see the module's
+    docstring); `settings.batch_size` is the global batch.
     """
     if select_on not in eval_sets:
         raise ValueError(f"select_on={select_on!r} is not one of the eval sets {list(eval_sets)}")
+    if parallel is not None and parallel.world_size == 1:
+        parallel = None
+    if parallel is not None:
+        _prepare_data_parallel(
+            model, parallel=parallel, settings=settings, device=device, transform=batch_transform
+        )
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     steps_per_epoch = _steps_per_epoch(train_set, settings)
     total_steps = settings.epochs * steps_per_epoch
     generator = torch.Generator().manual_seed(settings.seed)
-    torch.manual_seed(settings.seed)
+    # The global RNG (dropout, drop path): a stream of its own per rank; rank 0's is the
+    # one-process stream.
+    torch.manual_seed(settings.seed + (1_000_003 * parallel.rank if parallel else 0))
     groups = _parameter_groups(model, settings=settings, lr_factors=lr_factors)
     optimizer, scheduler = _sgd_with_cosine_schedule(groups, settings, total_steps=total_steps)
     params = [p for group in optimizer.param_groups for p in group["params"]]  # for clipping
@@ -325,17 +353,33 @@ def train_classifier(
             optimizer=optimizer,
             scheduler=scheduler,
             generator=generator,
+            parallel=parallel,
         )
         checkpointer.restore(run)
+    trained: nn.Module = model  # what the training steps call: the model, or its DDP wrapper
+    if parallel is not None:
+        trained = DistributedDataParallel(
+            model,
+            device_ids=[torch.device(device).index] if str(device).startswith("cuda") else None,
+        )
 
     def save() -> None:
         if checkpointer is not None:
             checkpointer.save(run)
 
-    def stop_if_requested() -> None:
-        if stop_requested():
+    def stop_if_requested(save_due: bool = False) -> None:
+        """Save if due; save and stop if SIGTERM arrived (on any rank: all ranks agree)."""
+        stop = stop_requested()
+        if parallel is not None:
+            stop, save_due = distributed.agree(parallel, [stop, save_due])
+        if stop:
             save()
-            raise_if_stop_requested(checkpointing, when=f"at epoch {run.epoch}, step {run.step}")
+            log.warning("stopping by SIGTERM at epoch %d, step %d", run.epoch, run.step)
+            raise_if_stop_requested(
+                checkpointing, when=f"at epoch {run.epoch}, step {run.step}", stopped=True
+            )
+        if save_due:
+            save()
 
     def evaluate(names: list[str]) -> dict[str, float]:
         """Scores of `names`, NaN for the other eval sets."""
@@ -345,6 +389,7 @@ def train_classifier(
             settings=settings,
             device=device,
             after_each=stop_if_requested,
+            parallel=parallel,
         )
         return {name: scores.get(name, float("nan")) for name in eval_sets}
 
@@ -364,9 +409,9 @@ def train_classifier(
 
     def after_step() -> None:
         bar.update()
-        if checkpointer is not None:
-            checkpointer.save_if_due(run)
-        stop_if_requested()
+        # Rank 0's clock decides for all ranks (`agree`).
+        main = parallel is None or parallel.is_main
+        stop_if_requested(save_due=checkpointer is not None and main and checkpointer.is_due())
 
     with sigterm_deferred():
         if not run.history:
@@ -397,6 +442,8 @@ def train_classifier(
                 batch_transform=batch_transform,
                 started=started,
                 after_step=after_step,
+                trained=trained,
+                parallel=parallel,
             )
             row = _epoch_row(
                 run,
@@ -419,6 +466,36 @@ def train_classifier(
         diverged=run.diverged,
         collapse=run.collapse,
     )
+
+
+def _prepare_data_parallel(
+    model: nn.Module,
+    *,
+    parallel: Parallel,
+    settings: TrainSettings,
+    device: str,
+    transform: BatchTransform,
+) -> None:
+    """Check what several processes need; SyncBatchNorm in `model` where statistics train
+    over the global batch (the layers are replaced in place; parameters and buffers stay)."""
+    distributed.check_settings(
+        processes=parallel.world_size,
+        batch_size=settings.batch_size,
+        bn=settings.bn,
+        sync_batchnorm=settings.sync_batchnorm,
+        device=device,
+    )
+    if "share" not in inspect.signature(transform).parameters:
+        raise ValueError(
+            f"batch transform {getattr(transform, '__name__', transform)!r} takes no share= "
+            "(rank, world): it cannot draw a global batch's randomness on several processes"
+        )
+    if settings.bn == "train" and settings.sync_batchnorm:
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if converted is not model:
+            raise ValueError(
+                "the model is a BatchNorm layer itself; SyncBatchNorm cannot replace it"
+            )
 
 
 def _steps_per_epoch(train_set: Dataset, settings: TrainSettings) -> int:
@@ -563,17 +640,29 @@ def validate(
     settings: TrainSettings,
     device: str,
     after_each: Callable[[], None] | None = None,
+    parallel: Parallel | None = None,
 ) -> dict[str, float]:
-    """Accuracy of `model` on each of `eval_sets` (eval mode)."""
+    """Accuracy of `model` on each of `eval_sets` (eval mode); with `parallel`, the batches
+    dealt out to the ranks (`distributed.sharded_accuracy`, the same scores)."""
     scores = {}
     for name, data in eval_sets.items():
-        scores[name] = accuracy(
-            model,
-            data,
-            batch_size=settings.eval_batch_size,
-            device=device,
-            num_workers=settings.num_workers,
-        )
+        if parallel is None:
+            scores[name] = accuracy(
+                model,
+                data,
+                batch_size=settings.eval_batch_size,
+                device=device,
+                num_workers=settings.num_workers,
+            )
+        else:
+            scores[name] = distributed.sharded_accuracy(
+                model,
+                data,
+                batch_size=settings.eval_batch_size,
+                device=device,
+                num_workers=settings.num_workers,
+                parallel=parallel,
+            )
         if after_each is not None:
             after_each()
     return scores
@@ -594,11 +683,16 @@ def train_one_epoch(
     batch_transform: BatchTransform,
     started: float,
     after_step: Callable[[], None],
+    trained: nn.Module | None = None,
+    parallel: Parallel | None = None,
 ) -> None:
-    """The rest of epoch `run.epoch` from step `run.step`; sums accumulate in `run`."""
+    """The rest of epoch `run.epoch` from step `run.step`; sums accumulate in `run`.
+    `trained` (default `model`) is what the steps call (a DDP wrapper of `model`); with
+    `parallel`, this rank's share of each batch (see the module's docstring)."""
     settings = run.settings
     num_examples = len(train_set)  # type: ignore[arg-type]
-    model.train()
+    trained = trained if trained is not None else model
+    trained.train()
     if settings.bn != "train":
         freeze_batchnorm_statistics(model)
     if run.step == 0:
@@ -611,24 +705,35 @@ def train_one_epoch(
         run.epoch_lr = optimizer.param_groups[0]["lr"]
     run.steps_in_epoch = num_examples // settings.batch_size
     max_norm = settings.clip_grad_norm if settings.clip_grad_norm is not None else math.inf
+    rank, world = (parallel.rank, parallel.world_size) if parallel else (0, 1)
+    remaining = run.order[run.step * settings.batch_size :]
+    if parallel is not None:
+        remaining = distributed.share_of_batches(
+            remaining, batch_size=settings.batch_size, parallel=parallel
+        )
     loader = DataLoader(
         train_set,
-        batch_size=settings.batch_size,
-        sampler=run.order[run.step * settings.batch_size :].tolist(),
+        batch_size=settings.batch_size // world,
+        sampler=remaining.tolist(),
         drop_last=True,
         num_workers=settings.num_workers,
         pin_memory=str(device).startswith("cuda"),  # so that copies need no host sync
-        # Its own generator, seeded per epoch: a DataLoader draws from it the seed of
-        # its workers' random transforms, and a resumed run creates one more loader.
-        generator=torch.Generator().manual_seed(settings.seed * 1_000_003 + run.epoch),
+        # Its own generator, seeded per epoch (and rank): a DataLoader draws from it the seed
+        # of its workers' random transforms, and a resumed run creates one more loader.
+        generator=torch.Generator().manual_seed(
+            (settings.seed * 1_000_003 + run.epoch) * world + rank
+        ),
     )
     # Sums stay on the device: no host sync per step.
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        inputs = batch_transform(images, generator)
+        if parallel is None:
+            inputs = batch_transform(images, generator)
+        else:  # draws of the whole global batch, as one process makes them
+            inputs = batch_transform(images, generator, share=(rank, world))  # type: ignore[call-arg]
         with autocast(device=device, precision=settings.precision):
-            logits = model(inputs).float()
+            logits = trained(inputs).float()
         run.num_classes = int(logits.shape[1])
         loss = loss_fn(logits, labels)
         if extra_loss is not None:
@@ -641,9 +746,14 @@ def train_one_epoch(
         run.clipped += (norm > max_norm).long()
         optimizer.step()
         scheduler.step()
-        run.loss_sum += loss.detach() * len(labels)
-        run.correct += (logits.detach().argmax(dim=1) == labels).sum()
-        run.seen += len(labels)
+        loss_sum = loss.detach() * len(labels)
+        correct = (logits.detach().argmax(dim=1) == labels).sum()
+        if parallel is not None:  # sums of the global batch, the same on every rank
+            totals = distributed.sum_over_ranks(torch.stack([loss_sum.float(), correct.float()]))
+            loss_sum, correct = totals[0], totals[1].long()
+        run.loss_sum += loss_sum
+        run.correct += correct
+        run.seen += len(labels) * world
         run.step += 1
         run.seconds = time.perf_counter() - started
         after_step()
@@ -707,6 +817,11 @@ class Checkpointer:
     optimizer, scheduler, the loop's generator, the global RNGs), restored in that order.
     Saves are atomic (`io.atomic_path`); a file of another format or fingerprint, or one that
     cannot be read, is ignored.
+
+    With `parallel`, `save` is called by every rank at the same point: rank 0 writes, adding
+    every rank's global RNG states (`rank_rng`), and all ranks return once the file is
+    written; `restore` is called by every rank, each taking its own RNG states back when the
+    file was saved by as many ranks.
     """
 
     def __init__(
@@ -717,9 +832,11 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         generator: torch.Generator,
+        parallel: Parallel | None = None,
     ) -> None:
         self.checkpointing = checkpointing
         self.model = model
+        self.parallel = parallel
         # Name in the state file: (read the state, restore it).
         self.objects: dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]] = {
             "model": (model.state_dict, model.load_state_dict),
@@ -732,10 +849,21 @@ class Checkpointer:
         self.saved_at = time.monotonic()
 
     def save(self, run: _RunState) -> None:
+        parallel = self.parallel
+        if parallel is not None:
+            rank_rng = distributed.gather_objects(
+                parallel, (torch.get_rng_state(), _cuda_rng_state())
+            )
+            if not parallel.is_main:
+                distributed.barrier(parallel)  # until rank 0 has written the file
+                self.saved_at = time.monotonic()
+                return
         state: dict[str, Any] = {
             "format": STATE_FORMAT,
             "fingerprint": self.checkpointing.fingerprint,
         }
+        if parallel is not None:
+            state["rank_rng"] = rank_rng
         for f in _saved_fields():
             value = getattr(run, f.name)
             if f.metadata.get("on_device") and value is not None:
@@ -745,11 +873,17 @@ class Checkpointer:
             state[name] = read()
         with atomic_path(self.checkpointing.path) as tmp:
             torch.save(state, tmp)
+        if parallel is not None:
+            distributed.barrier(parallel)
         self.saved_at = time.monotonic()
+
+    def is_due(self) -> bool:
+        """Whether `checkpointing.every_seconds` have passed since the last save."""
+        return time.monotonic() - self.saved_at >= self.checkpointing.every_seconds
 
     def save_if_due(self, run: _RunState) -> None:
         """Save if `checkpointing.every_seconds` have passed since the last save."""
-        if time.monotonic() - self.saved_at >= self.checkpointing.every_seconds:
+        if self.is_due():
             self.save(run)
 
     def restore(self, run: _RunState) -> bool:
@@ -774,6 +908,15 @@ class Checkpointer:
         device = next(self.model.parameters()).device
         for name, (_, restore) in self.objects.items():
             restore(state[name])
+        rank_rng = state.get("rank_rng")
+        parallel = self.parallel
+        if parallel is not None and rank_rng is not None and len(rank_rng) == parallel.world_size:
+            torch_rng, cuda_rng = rank_rng[parallel.rank]
+            torch.set_rng_state(torch_rng)
+            _set_cuda_rng_state(cuda_rng)
+        elif parallel is not None and not parallel.is_main:
+            # Saved by another number of processes: this rank's stream starts afresh.
+            torch.manual_seed(int(torch.randint(2**62, (1,))) + parallel.rank)
         for f in _saved_fields():
             value = state[f.name]
             if f.metadata.get("on_device") and value is not None:

@@ -342,7 +342,9 @@ def get_finetune_settings(method, dataset):
     shared = {
         key: value
         for key, value in config["finetune"].items()
-        if key not in {*METHOD_TABLE, "checkpoint_minutes"}
+        # Not params: how often state is saved, and how many processes share a run
+        # (`processes`: the same result up to float rounding; docs/multi-gpu.md).
+        if key not in {*METHOD_TABLE, "checkpoint_minutes", "processes"}
     }
     own = config["finetune"][method]
     # The method's fixed settings (β, temperature, LoRA alpha and target); the swept ones

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 from robustft.config import parse_hparam_folder
+from robustft.distributed import resolve_processes
 from robustft.provenance import read_data_fingerprint
 from robustft.runtime import job, resolve_device
 from robustft.stages import run_finetune
@@ -19,6 +20,11 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         state_dir=snakemake.params.state_dir,
         # Read here, not a param: how often state is saved must not rerun finished runs.
         checkpoint_minutes=snakemake.config["finetune"]["checkpoint_minutes"],
+        # One process per GPU the job asked for, unless finetune.processes says otherwise.
+        processes=resolve_processes(
+            processes=snakemake.config["finetune"]["processes"],
+            gpus=snakemake.resources.get("gpu", 0),
+        ),
         ood_splits=snakemake.params.ood_splits,
         lr=hparams.pop("lr"),
         hparams=hparams,

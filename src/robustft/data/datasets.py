@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from PIL import Image as PILImage
 
 BatchTransform = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
+# A batch transform used by several data-parallel processes also takes `share=(rank, world)`:
+# its batch is rows rank·n … (rank+1)·n − 1 of a global batch of world·n images, and it draws
+# the randomness of the whole global batch (as one process would) and applies its own rows.
 
 
 class ArrayImageDataset(Dataset):
@@ -54,8 +57,14 @@ def memory_format(device: str) -> torch.memory_format:
     return torch.channels_last if str(device).startswith("cuda") else torch.contiguous_format
 
 
-def to_float(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 [0, 255] → float32 [0, 1]; float input passes through.
+def to_float(
+    images: torch.Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    share: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """uint8 [0, 255] → float32 [0, 1]; float input passes through. Draws nothing (`share`
+    changes nothing).
 
     On a GPU the batch goes channels-last, the layout cuDNN convolutions are fastest in. Not
     on the CPU: oneDNN's channels-last backward crashed (SIGSEGV) on 1×1 feature maps here.
@@ -67,19 +76,28 @@ def to_float(images: torch.Tensor, generator: torch.Generator | None = None) -> 
 
 
 def random_crop_flip(
-    images: torch.Tensor, generator: torch.Generator | None = None, *, padding: int = 4
+    images: torch.Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    padding: int = 4,
+    share: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Per-image random crop from a reflect-padded copy, and a random horizontal flip.
 
-    The usual CIFAR augmentation, done for a whole batch with one gather.
+    The usual CIFAR augmentation, done for a whole batch with one gather. With `share`
+    (rank, world), the crops and flips of a global batch of world × len(images) images are
+    drawn and this rank's rows of them applied (see `BatchTransform`).
     """
     images = to_float(images)
     n, _, height, width = images.shape
     padded = F.pad(images, (padding, padding, padding, padding), mode="reflect")
     device = images.device
-    offset_y = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
-    offset_x = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(device)
+    rank, world = share or (0, 1)
+    rows = slice(rank * n, (rank + 1) * n)
+    drawn = world * n
+    offset_y = torch.randint(0, 2 * padding + 1, (drawn,), generator=generator)[rows].to(device)
+    offset_x = torch.randint(0, 2 * padding + 1, (drawn,), generator=generator)[rows].to(device)
+    flip = (torch.rand(drawn, generator=generator) < 0.5)[rows].to(device)
     rows = offset_y[:, None] + torch.arange(height, device=device)  # (N, H)
     columns = torch.arange(width, device=device).expand(n, width)
     columns = torch.where(flip[:, None], columns.flip(1), columns) + offset_x[:, None]  # (N, W)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from robustft import provenance
+from robustft import distributed, provenance
 from robustft.config import hparam_folder
 from robustft.data.datasets import as_torch_dataset, train_transform
 from robustft.features import resolve_precision
@@ -97,6 +97,25 @@ def copy_probe_head(model: ImageClassifier, *, probe_dir: str | Path | None, met
     set_head(model, weight, bias)
 
 
+def _check_processes(
+    *,
+    processes: int,
+    batch_size: int,
+    bn: str = "train",
+    sync_batchnorm: bool = True,
+    device: str = "cpu",
+    **_: Any,
+) -> None:
+    distributed.check_settings(
+        processes=processes,
+        batch_size=batch_size,
+        bn=bn,
+        sync_batchnorm=sync_batchnorm,
+        device=device,
+    )
+
+
+@distributed.data_parallel(check=_check_processes)
 def run_finetune(
     *,
     method: str,
@@ -132,6 +151,8 @@ def run_finetune(
     preprocess_overrides: Mapping[str, Any] | None = None,
     backbone_kwargs: Mapping[str, float] | None = None,
     data_fingerprint: str | None = None,
+    processes: int = 1,
+    sync_batchnorm: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune with one method of the method table (`robustft.methods`), all through the
     one training loop: the entry's start (a new head or the probe's), its teacher (the
@@ -158,6 +179,10 @@ def run_finetune(
     `data_fingerprint` (the data manifest's): recorded in config.json and metrics.json with
     the backbone's weights_sha256 and the probe head's SHA-256; a probe head (a method's start
     or its teacher's head) must record the same weights and data (`check_probe_head`).
+
+    `processes` > 1: one run on that many data-parallel processes (one per GPU; gloo processes
+    on a CPU), `batch_size` being the global batch (`robustft.distributed`, docs/multi-gpu.md);
+    rank 0 writes the outputs and the state. `sync_batchnorm`: see `TrainSettings`.
     """
     backbone, preprocess, backbone_meta = load_backbone(  # first: fail at once
         model_dir, preprocess=preprocess_overrides, backbone_kwargs=backbone_kwargs
@@ -220,7 +245,10 @@ def run_finetune(
         seed=seed,
         num_workers=num_workers,
         precision=resolve_precision(precision, device),
+        sync_batchnorm=sync_batchnorm,
     )
+    parallel = distributed.current()  # None in a one-process job
+    writes = parallel is None or parallel.is_main  # rank 0 writes; the others only train
     evaluated = eval_sets(splits, preprocess=preprocess, transform=eval_transform(data_options))
     train_set = as_torch_dataset(
         splits["train"],
@@ -262,7 +290,7 @@ def run_finetune(
         return setup.finalize(trained) if setup.finalize is not None else trained
 
     def keep_checkpoint(epoch: int, trained: torch.nn.Module) -> None:
-        if epoch in save_epochs:
+        if epoch in save_epochs and writes:
             save_model(plain(trained), out_dir / "checkpoints" / f"epoch{epoch}.safetensors")
 
     if 0 in save_epochs:
@@ -286,7 +314,12 @@ def run_finetune(
             loss_fn=setup.loss_fn,
             extra_loss=setup.extra_loss,
             lr_factors=setup.lr_factors,
+            parallel=parallel,
         )
+        if not writes:
+            return _metrics(
+                result, method=method, lr=lr, hparams=hparams, seed=seed, recorded=recorded
+            )
         raise_if_stop_requested(checkpointing, when="after training")
         model.load_state_dict(result.best_state)
         save_model(plain(model), out_dir / "model.safetensors")
@@ -302,6 +335,7 @@ def run_finetune(
                 "probe_dir": str(probe_dir) if probe_dir else None,
                 "ood_splits": list(ood_splits),
                 "device": device,
+                "processes": parallel.world_size if parallel else 1,
                 "resolved_config": dict(resolved_config or {}),
                 "environment": environment_info(),
                 "provenance": recorded,
