@@ -286,6 +286,7 @@ def run_finetune(
             loss_fn=setup.loss_fn,
             extra_loss=setup.extra_loss,
             lr_factors=setup.lr_factors,
+            frozen_statistics=setup.frozen_statistics,
         )
         raise_if_stop_requested(checkpointing, when="after training")
         model.load_state_dict(result.best_state)
