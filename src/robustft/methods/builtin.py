@@ -112,3 +112,16 @@ def prepare_llrd(*, model: nn.Module, options: Mapping[str, Any], teacher: Any =
     groups = param_groups_layer_decay(inner, weight_decay=0.0, layer_decay=decay)
     factors = {names[id(param)]: group["lr_scale"] for group in groups for param in group["params"]}
     return Setup(lr_factors=factors)
+
+
+def prepare_flyp(
+    *, model: nn.Module, options: Mapping[str, Any], teacher: Any = None, text: Any = None
+) -> Setup:
+    from robustft.methods.flyp import apply_flyp
+
+    if text is None:
+        raise ValueError("method 'flyp' needs the backbone's CLIP text tower")
+    loss_fn, extra_loss, finalize = apply_flyp(
+        model, text=text, templates=str(options.get("templates", "openai_imagenet"))
+    )
+    return Setup(loss_fn=loss_fn, extra_loss=extra_loss, finalize=finalize)

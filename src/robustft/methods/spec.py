@@ -143,6 +143,13 @@ BUILTIN: dict[str, Method] = {
             swept={"decay": "decay_grid"},
             description="layer-wise lr decay: lr × decay^(layers above), timm's grouping",
         ),
+        _builtin(
+            "flyp",
+            text_tower=True,
+            options={"templates": "openai_imagenet"},
+            description="both CLIP towers trained with CLIP's contrastive loss on class prompts, "
+            "classified by the zero-shot head of the trained text tower (Goyal et al.)",
+        ),
     )
 }
 
@@ -195,7 +202,11 @@ def user_method(name: str, entry: str) -> Method:
         raise MethodError(f"{where}: start {method.start!r} is not one of {list(STARTS)}")
     if not (callable(method.prepare) or isinstance(method.prepare, str)):
         raise MethodError(f"{where}: prepare must be a function or 'module:function'")
-    _check_hook(method.hook() if isinstance(method.prepare, str) else method.prepare, where)
+    _check_hook(
+        method.hook() if isinstance(method.prepare, str) else method.prepare,
+        where,
+        needs=("model", "options", "teacher", *(("text",) if method.text_tower else ())),
+    )
     for key, grid in method.swept.items():
         if not (key.isalpha() and key.islower() and key != "lr") or not grid.endswith("_grid"):
             raise MethodError(
@@ -205,8 +216,13 @@ def user_method(name: str, entry: str) -> Method:
     return method
 
 
-def _check_hook(hook: Callable[..., Any], where: str) -> None:
-    """prepare(*, model, options, teacher) -> Setup: the keywords the stage passes."""
+def _check_hook(
+    hook: Callable[..., Any],
+    where: str,
+    needs: tuple[str, ...] = ("model", "options", "teacher"),
+) -> None:
+    """prepare(*, model, options, teacher) -> Setup: the keywords the stage passes (and
+    `text`, the text tower, to a method that needs one)."""
     try:
         signature = inspect.signature(hook)
     except (TypeError, ValueError):
@@ -215,11 +231,11 @@ def _check_hook(hook: Callable[..., Any], where: str) -> None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return
     names = {p.name for p in parameters if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
-    missing = [name for name in ("model", "options", "teacher") if name not in names]
+    missing = [name for name in needs if name not in names]
     if missing:
         raise MethodError(
             f"{where}: prepare{signature} does not take {', '.join(missing)}; the protocol is "
-            "prepare(*, model, options, teacher) -> Setup"
+            f"prepare(*, {', '.join(needs)}) -> Setup"
         )
 
 

@@ -132,6 +132,7 @@ def run_finetune(
     preprocess_overrides: Mapping[str, Any] | None = None,
     backbone_kwargs: Mapping[str, float] | None = None,
     data_fingerprint: str | None = None,
+    text_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune with one method of the method table (`robustft.methods`), all through the
     one training loop: the entry's start (a new head or the probe's), its teacher (the
@@ -158,6 +159,9 @@ def run_finetune(
     `data_fingerprint` (the data manifest's): recorded in config.json and metrics.json with
     the backbone's weights_sha256 and the probe head's SHA-256; a probe head (a method's start
     or its teacher's head) must record the same weights and data (`check_probe_head`).
+
+    `text_cache`: the Hugging Face cache holding the backbone's CLIP text tower, for a method
+    that needs one (FLYP); the backbone is named by `model_dir`'s folder.
     """
     backbone, preprocess, backbone_meta = load_backbone(  # first: fail at once
         model_dir, preprocess=preprocess_overrides, backbone_kwargs=backbone_kwargs
@@ -205,7 +209,15 @@ def run_finetune(
             num_classes=num_classes,
             probe_dir=probe_dir,
         )
-    setup = spec.hook()(model=model, options=options, teacher=teacher)
+    needs = {}
+    if spec.text_tower:
+        needs["text"] = _text_tower(
+            method=method,
+            backbone=Path(model_dir).name,
+            cache_dir=text_cache,
+            class_names=splits["train"].class_names,
+        )
+    setup = spec.hook()(model=model, options=options, teacher=teacher, **needs)
     settings = TrainSettings(
         epochs=epochs,
         lr=lr,
@@ -366,6 +378,25 @@ def _teacher(
     )
     copy_probe_head(teacher, probe_dir=probe_dir, method=method)
     return teacher
+
+
+def _text_tower(
+    *, method: str, backbone: str, cache_dir: str | Path | None, class_names: Sequence[str]
+) -> Any:
+    """The backbone's CLIP text tower for a method that trains it (its image tower dropped:
+    the backbone is the image tower); a one-line error for a backbone without one."""
+    from robustft.zeroshot import CLIP_TEXT_TOWERS, TextTower, load_text_tower
+
+    if backbone not in CLIP_TEXT_TOWERS:
+        raise ValueError(
+            f"method {method!r} needs a CLIP text tower; backbone {backbone!r} has none "
+            f"(CLIP backbones: {', '.join(sorted(CLIP_TEXT_TOWERS))})"
+        )
+    if cache_dir is None:
+        raise ValueError(f"method {method!r} needs the text tower's cache folder (text_cache)")
+    model, tokenizer = load_text_tower(backbone=backbone, cache_dir=cache_dir)
+    model.visual = torch.nn.Identity()
+    return TextTower(model=model.train(), tokenizer=tokenizer, class_names=tuple(class_names))
 
 
 def _checkpointing(
