@@ -187,3 +187,54 @@ def test_a_backbone_without_layer_groups_is_a_one_line_error():
         options = {"groups": 2, "group": 0, "decay": 0.5}
         with pytest.raises(ValueError, match=f"method '{method}' needs a backbone that groups"):
             prepare(method, model, **options)
+
+
+@pytest.fixture(scope="module")
+def tiny_job(tmp_path_factory):
+    from fake_data import write_tiny_toyshift_job
+
+    return write_tiny_toyshift_job(tmp_path_factory.mktemp("job"), train_per_class=8, width=4)
+
+
+@pytest.mark.parametrize(
+    ("method", "hparams"), [("freeze_embed", {}), ("llrd", {"decay": 0.65}), ("flyp", {})]
+)
+def test_the_finetune_stage_runs_each_method_or_names_what_is_missing(tiny_job, method, hparams):
+    from robustft.stages import run_finetune
+
+    out = tiny_job / "out" / method
+    run = dict(
+        method=method,
+        dataset="toyshift",
+        data_root=tiny_job / "data",
+        model_dir=tiny_job / "backbone",
+        out_dir=out,
+        ood_splits=["real"],
+        lr=0.05,
+        seed=0,
+        epochs=1,
+        batch_size=8,
+        momentum=0.9,
+        weight_decay=0.0,
+        augment=False,
+        bn="train",
+        hparams=hparams,
+        save_epochs=[1],  # the weights after training, whichever epoch is selected
+        progress=False,
+    )
+    if method == "flyp":  # the toy has no text tower: one line, nothing written
+        with pytest.raises(ValueError, match="needs a CLIP text tower; backbone 'backbone'"):
+            run_finetune(**run)
+        assert not out.exists()
+        return
+    metrics = run_finetune(**run)
+    assert metrics["method"] == method and (out / "model.safetensors").is_file()
+    if method == "freeze_embed":
+        from safetensors.torch import load_file
+
+        pretrained = load_file(tiny_job / "backbone" / "model.safetensors")
+        trained = load_file(out / "checkpoints" / "epoch1.safetensors")
+        for key, value in pretrained.items():
+            if not key.endswith("num_batches_tracked"):
+                same = torch.equal(trained[f"backbone.{key}"], value)
+                assert same == key.startswith("stem."), key
