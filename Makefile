@@ -1,5 +1,6 @@
 # make run   — create .venv, install the pinned dependencies, run the default experiment
-# make test  — the same install, then the whole test suite (what CI runs)
+# make test  — the same install (with the optional `clip` extra, so that the zero-shot and FLYP
+#             tests run), then the whole test suite (what CI runs)
 # make docs  — serve the documentation site (docs/, mkdocs.yml) at http://127.0.0.1:8000
 # make clean-state ARGS='--configfile configs/paper.yaml' — delete resumable state that no run
 #             of that config owns (stopped runs whose settings changed or left the config)
@@ -15,7 +16,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,clip]'
 	touch $@
 
 run: install

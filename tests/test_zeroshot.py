@@ -9,8 +9,9 @@ open_clip = pytest.importorskip("open_clip")
 
 
 class FakeTextTower(torch.nn.Module):
-    """encode_text as a bag of token embeddings: enough to check the ensembling arithmetic
-    without downloading a text tower."""
+    """encode_text as a bag of token embeddings (padding left out, so that prompts differ by
+    their words): enough to check the ensembling arithmetic, and to train (FLYP), without
+    downloading a text tower."""
 
     def __init__(self, dim=16):
         super().__init__()
@@ -18,7 +19,7 @@ class FakeTextTower(torch.nn.Module):
         self.logit_scale = torch.nn.Parameter(torch.tensor(4.6052))  # exp = 100, as CLIP's
 
     def encode_text(self, tokens, normalize=False):
-        features = self.embed(tokens).sum(dim=1)
+        features = (self.embed(tokens) * (tokens != 0).unsqueeze(-1)).sum(dim=1)
         return torch.nn.functional.normalize(features, dim=-1) if normalize else features
 
 

@@ -11,6 +11,7 @@ by its feature norm: the predicted class, hence every accuracy, is the same.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,33 @@ CLIP_TEXT_TOWERS: dict[str, tuple[str, str]] = {
     "resnet50_clip.openai": ("RN50", "openai"),
     "resnet101_clip.openai": ("RN101", "openai"),
 }
+
+
+# Prompt template sets of open_clip (`zero_shot_metadata`), by the name the config uses.
+TEMPLATE_SETS = {
+    "openai_imagenet": "OPENAI_IMAGENET_TEMPLATES",
+    "simple_imagenet": "SIMPLE_IMAGENET_TEMPLATES",
+}
+
+
+@dataclass(frozen=True)
+class TextTower:
+    """What a method that needs a text tower (FLYP) is given: the open_clip model
+    (`encode_text`, `logit_scale`), its tokenizer and the dataset's class names."""
+
+    model: Any
+    tokenizer: Any
+    class_names: tuple[str, ...]
+
+
+def prompt_templates(name: str) -> list[Any]:
+    """One of open_clip's template sets (`TEMPLATE_SETS`), as functions of a class name."""
+    if name not in TEMPLATE_SETS:
+        raise ValueError(f"prompt templates {name!r}: known are {', '.join(TEMPLATE_SETS)}")
+    _open_clip()
+    from open_clip import zero_shot_metadata
+
+    return list(getattr(zero_shot_metadata, TEMPLATE_SETS[name]))
 
 
 def _open_clip() -> Any:

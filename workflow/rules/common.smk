@@ -373,6 +373,23 @@ def get_finetune_settings(method, dataset):
 STATE_ROOT = "results/resume/finetune"
 
 
+def get_methods(backbone):
+    """The fine-tuning methods that run on a backbone: a method that needs a CLIP text tower
+    (FLYP) only on the backbones that have one, as the zero-shot rows."""
+    return [
+        method
+        for method in FINETUNE_METHODS
+        if not METHOD_TABLE[method].text_tower or backbone in CLIP_TEXT_TOWERS
+    ]
+
+
+def get_text_tower_files(wildcards):
+    """The text tower a method trains (FLYP), fetched by fetch_text_tower."""
+    if METHOD_TABLE[wildcards.method].text_tower:
+        return {"text_tower": f"{MODELS}/{wildcards.backbone}/text_tower.json"}
+    return {}
+
+
 def get_state_dirs():
     """The resumable-state folders of every fine-tuning run this config asks for (the
     finetune rule's `state_dir`); `clean_state` removes the others."""
@@ -380,7 +397,7 @@ def get_state_dirs():
         f"{STATE_ROOT}/{method}/{backbone}/{dataset}/{run}/seed{seed}"
         for dataset in config["datasets"]
         for backbone in get_backbones(dataset)
-        for method in FINETUNE_METHODS
+        for method in get_methods(backbone)
         for run in get_run_grid(method, dataset)
         for seed in config["seeds"]
     )
@@ -417,7 +434,7 @@ def get_table_inputs(wildcards):
                 dataset=wildcards.dataset,
                 seed=config["seeds"],
             )
-        for method in FINETUNE_METHODS:
+        for method in get_methods(backbone):
             inputs[f"{method}/{backbone}"] = (
                 f"results/selected/{method}/{backbone}/{wildcards.dataset}.json"
             )
@@ -590,7 +607,7 @@ def get_distortion_plan(wildcards):
             },
             "selections": {
                 method: f"results/selected/{method}/{backbone}/{dataset}.json"
-                for method in FINETUNE_METHODS
+                for method in get_methods(backbone)
             },
         }
         for backbone in get_backbones(dataset)

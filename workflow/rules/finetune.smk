@@ -1,4 +1,4 @@
-# Fine-tuning (FT, LP-FT, L2-SP, L1-SP, KD, LoRA): one run per method, point of its sweep
+# Fine-tuning (every method of the method table): one run per method, point of its sweep
 # ({run} = lr0.01 or lr0.01-alpha0.1, see robustft.methods) and seed; then the best point.
 
 
@@ -7,6 +7,7 @@ rule finetune:
         unpack(get_dataset_files),
         unpack(get_backbone_files),
         unpack(get_probe_files),
+        unpack(get_text_tower_files),
     output:
         model="results/finetune/{method}/{backbone}/{dataset}/{run}/seed{seed}/model.safetensors",
         history="results/finetune/{method}/{backbone}/{dataset}/{run}/seed{seed}/history.csv",
@@ -35,6 +36,7 @@ rule finetune:
         backbone_kwargs=lambda wildcards: get_backbone_kwargs(wildcards.backbone),
         device=config["device"],
         progress=config["progress"],
+        text_cache=HF_CACHE,
     script:
         "../scripts/finetune.py"
 

@@ -46,13 +46,16 @@ class Setup:
     added to it, called as extra_loss(model=, images=, logits=, labels=); finalize: applied to
     the trained model before it is saved (LoRA merges its adapters); lr_factors: {parameter
     name prefix: learning-rate factor}, e.g. {"head.": 10.0}. Parameters the hook sets
-    `requires_grad_(False)` do not train.
+    `requires_grad_(False)` do not train; frozen_statistics: names of BatchNorm layers whose
+    running statistics stay as they are (eval mode) whatever the run's `bn` mode, so that a
+    frozen layer is exactly unchanged (freeze-embed, surgical).
     """
 
     loss_fn: Any = None
     extra_loss: Callable[..., Any] | None = None
     finalize: Callable[[Any], Any] | None = None
     lr_factors: Mapping[str, float] | None = None
+    frozen_statistics: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,9 @@ class Method:
     or "probe_head" (the linear probe's head, as LP-FT); swept: {run-folder key: grid config
     key}, e.g. {"alpha": "alpha_grid"}: each run is one point of lr_grid × these grids;
     options: the fixed config keys it reads (with their defaults); teacher: it needs the
-    pretrained model with the probe head (KD); prepare: the hook,
+    pretrained model with the probe head (KD); text_tower: it needs the backbone's CLIP text
+    tower (FLYP), which the hook then receives as `text` (a `robustft.zeroshot.TextTower`),
+    and it runs only on backbones that have one; prepare: the hook,
     prepare(*, model, options, teacher) -> Setup, or its "module:function" name.
     """
 
@@ -74,6 +79,7 @@ class Method:
     options: Mapping[str, Any] = field(default_factory=dict)
     teacher: bool = False
     description: str = ""
+    text_tower: bool = False
 
     @property
     def needs_probe_head(self) -> bool:
@@ -120,6 +126,29 @@ BUILTIN: dict[str, Method] = {
             swept={"rank": "rank_grid"},
             options={"lora_alpha": 16.0, "target": "auto"},
             description="peft LoRA adapters on the backbone, head trained in full, merged",
+        ),
+        _builtin(
+            "freeze_embed",
+            description="full fine-tuning with the stem / patch embedding frozen (Kumar et al.)",
+        ),
+        _builtin(
+            "surgical",
+            start="probe_head",
+            swept={"group": "group_grid"},
+            options={"groups": 4},
+            description="only one of `groups` contiguous block groups trains (Lee et al.)",
+        ),
+        _builtin(
+            "llrd",
+            swept={"decay": "decay_grid"},
+            description="layer-wise lr decay: lr × decay^(layers above), timm's grouping",
+        ),
+        _builtin(
+            "flyp",
+            text_tower=True,
+            options={"templates": "openai_imagenet"},
+            description="both CLIP towers trained with CLIP's contrastive loss on class prompts, "
+            "classified by the zero-shot head of the trained text tower (Goyal et al.)",
         ),
     )
 }
@@ -173,7 +202,11 @@ def user_method(name: str, entry: str) -> Method:
         raise MethodError(f"{where}: start {method.start!r} is not one of {list(STARTS)}")
     if not (callable(method.prepare) or isinstance(method.prepare, str)):
         raise MethodError(f"{where}: prepare must be a function or 'module:function'")
-    _check_hook(method.hook() if isinstance(method.prepare, str) else method.prepare, where)
+    _check_hook(
+        method.hook() if isinstance(method.prepare, str) else method.prepare,
+        where,
+        needs=("model", "options", "teacher", *(("text",) if method.text_tower else ())),
+    )
     for key, grid in method.swept.items():
         if not (key.isalpha() and key.islower() and key != "lr") or not grid.endswith("_grid"):
             raise MethodError(
@@ -183,8 +216,13 @@ def user_method(name: str, entry: str) -> Method:
     return method
 
 
-def _check_hook(hook: Callable[..., Any], where: str) -> None:
-    """prepare(*, model, options, teacher) -> Setup: the keywords the stage passes."""
+def _check_hook(
+    hook: Callable[..., Any],
+    where: str,
+    needs: tuple[str, ...] = ("model", "options", "teacher"),
+) -> None:
+    """prepare(*, model, options, teacher) -> Setup: the keywords the stage passes (and
+    `text`, the text tower, to a method that needs one)."""
     try:
         signature = inspect.signature(hook)
     except (TypeError, ValueError):
@@ -193,11 +231,11 @@ def _check_hook(hook: Callable[..., Any], where: str) -> None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return
     names = {p.name for p in parameters if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
-    missing = [name for name in ("model", "options", "teacher") if name not in names]
+    missing = [name for name in needs if name not in names]
     if missing:
         raise MethodError(
             f"{where}: prepare{signature} does not take {', '.join(missing)}; the protocol is "
-            "prepare(*, model, options, teacher) -> Setup"
+            f"prepare(*, {', '.join(needs)}) -> Setup"
         )
 
 

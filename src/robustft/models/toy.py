@@ -32,8 +32,9 @@ class ToyResNet(nn.Module):
     """ResNet with four stages (width, 2·width, 4·width, 8·width), one block each.
 
     Like a timm model: `forward_features` gives the spatial map, `forward_head(x,
-    pre_logits=True)` the pooled penultimate features, and `num_classes=0` makes `forward`
-    return those features. Width 16 has about 0.3M parameters and 128 features.
+    pre_logits=True)` the pooled penultimate features, `num_classes=0` makes `forward`
+    return those features, and `group_matcher` groups the parameters as timm's ResNets do.
+    Width 16 has about 0.3M parameters and 128 features.
     """
 
     def __init__(
@@ -75,6 +76,12 @@ class ToyResNet(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.fc
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """timm's parameter grouping (layer-wise lr decay, which layers a method freezes): the
+        stem, then one group per stage (each stage is one block); `fc` falls last, as timm's
+        heads do. `coarse` changes nothing here."""
+        return {"stem": r"^stem", "blocks": r"^stages\.(\d+)"}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))

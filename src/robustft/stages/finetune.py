@@ -153,6 +153,7 @@ def run_finetune(
     data_fingerprint: str | None = None,
     processes: int = 1,
     sync_batchnorm: bool = True,
+    text_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune with one method of the method table (`robustft.methods`), all through the
     one training loop: the entry's start (a new head or the probe's), its teacher (the
@@ -183,6 +184,8 @@ def run_finetune(
     `processes` > 1: one run on that many data-parallel processes (one per GPU; gloo processes
     on a CPU), `batch_size` being the global batch (`robustft.distributed`, docs/multi-gpu.md);
     rank 0 writes the outputs and the state. `sync_batchnorm`: see `TrainSettings`.
+    `text_cache`: the Hugging Face cache holding the backbone's CLIP text tower, for a method
+    that needs one (FLYP); the backbone is named by `model_dir`'s folder.
     """
     backbone, preprocess, backbone_meta = load_backbone(  # first: fail at once
         model_dir, preprocess=preprocess_overrides, backbone_kwargs=backbone_kwargs
@@ -230,7 +233,15 @@ def run_finetune(
             num_classes=num_classes,
             probe_dir=probe_dir,
         )
-    setup = spec.hook()(model=model, options=options, teacher=teacher)
+    needs = {}
+    if spec.text_tower:
+        needs["text"] = _text_tower(
+            method=method,
+            backbone=Path(model_dir).name,
+            cache_dir=text_cache,
+            class_names=splits["train"].class_names,
+        )
+    setup = spec.hook()(model=model, options=options, teacher=teacher, **needs)
     settings = TrainSettings(
         epochs=epochs,
         lr=lr,
@@ -315,6 +326,7 @@ def run_finetune(
             extra_loss=setup.extra_loss,
             lr_factors=setup.lr_factors,
             parallel=parallel,
+            frozen_statistics=setup.frozen_statistics,
         )
         if not writes:
             return _metrics(
@@ -399,6 +411,25 @@ def _teacher(
     )
     copy_probe_head(teacher, probe_dir=probe_dir, method=method)
     return teacher
+
+
+def _text_tower(
+    *, method: str, backbone: str, cache_dir: str | Path | None, class_names: Sequence[str]
+) -> Any:
+    """The backbone's CLIP text tower for a method that trains it (its image tower dropped:
+    the backbone is the image tower); a one-line error for a backbone without one."""
+    from robustft.zeroshot import CLIP_TEXT_TOWERS, TextTower, load_text_tower
+
+    if backbone not in CLIP_TEXT_TOWERS:
+        raise ValueError(
+            f"method {method!r} needs a CLIP text tower; backbone {backbone!r} has none "
+            f"(CLIP backbones: {', '.join(sorted(CLIP_TEXT_TOWERS))})"
+        )
+    if cache_dir is None:
+        raise ValueError(f"method {method!r} needs the text tower's cache folder (text_cache)")
+    model, tokenizer = load_text_tower(backbone=backbone, cache_dir=cache_dir)
+    model.visual = torch.nn.Identity()
+    return TextTower(model=model.train(), tokenizer=tokenizer, class_names=tuple(class_names))
 
 
 def _checkpointing(
