@@ -298,11 +298,8 @@ def train_classifier(
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
     extra_loss: ExtraLoss | None = None,
     lr_factors: Mapping[str, float] | None = None,
-<<<<<<< HEAD
     parallel: Parallel | None = None,
-=======
     frozen_statistics: Iterable[str] = (),
->>>>>>> methods
 ) -> TrainResult:
     """SGD with momentum and a per-step cosine schedule, one `train_one_epoch` per epoch.
 
@@ -324,13 +321,10 @@ def train_classifier(
     augmented images the model saw); the logged train loss includes it.
     `lr_factors` {parameter-name prefix: factor}: those parameters train at lr × factor (the
     longest matching prefix wins; e.g. {"head.": 10} for a 10× head learning rate).
-<<<<<<< HEAD
     `parallel`: this process's rank among the data-parallel processes (see the module's
     docstring); `settings.batch_size` is the global batch.
-=======
     `frozen_statistics`: names of BatchNorm layers kept in eval mode while training, whatever
     `settings.bn` says (the layers a method froze keep their pretrained statistics).
->>>>>>> methods
     """
     if select_on not in eval_sets:
         raise ValueError(f"select_on={select_on!r} is not one of the eval sets {list(eval_sets)}")
@@ -451,12 +445,9 @@ def train_classifier(
                 batch_transform=batch_transform,
                 started=started,
                 after_step=after_step,
-<<<<<<< HEAD
                 trained=trained,
                 parallel=parallel,
-=======
                 frozen_statistics=tuple(frozen_statistics),
->>>>>>> methods
             )
             row = _epoch_row(
                 run,
@@ -696,12 +687,9 @@ def train_one_epoch(
     batch_transform: BatchTransform,
     started: float,
     after_step: Callable[[], None],
-<<<<<<< HEAD
     trained: nn.Module | None = None,
     parallel: Parallel | None = None,
-=======
     frozen_statistics: tuple[str, ...] = (),
->>>>>>> methods
 ) -> None:
     """The rest of epoch `run.epoch` from step `run.step`; sums accumulate in `run`.
     `trained` (default `model`) is what the steps call (a DDP wrapper of `model`); with
