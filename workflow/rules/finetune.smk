@@ -7,6 +7,7 @@ rule finetune:
         unpack(get_dataset_files),
         unpack(get_backbone_files),
         unpack(get_probe_files),
+        prepared=get_prepared_inputs("finetune"),
     output:
         model="results/finetune/{method}/{backbone}/{dataset}/{run}/seed{seed}/model.safetensors",
         history="results/finetune/{method}/{backbone}/{dataset}/{run}/seed{seed}/history.csv",
@@ -34,6 +35,7 @@ rule finetune:
         backbone_kwargs=lambda wildcards: get_backbone_kwargs(wildcards.backbone),
         device=config["device"],
         progress=config["progress"],
+        prepared=get_prepared("finetune"),
     script:
         "../scripts/finetune.py"
 

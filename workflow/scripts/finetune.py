@@ -29,5 +29,6 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         preprocess_overrides=snakemake.params.preprocess,
         backbone_kwargs=snakemake.params.backbone_kwargs,
         data_fingerprint=read_data_fingerprint(snakemake.input.get("data_manifest")),
+        prepared=snakemake.params.prepared,
         **snakemake.params.settings,
     )

@@ -19,7 +19,7 @@ import torch
 
 from robustft import provenance
 from robustft.config import hparam_folder
-from robustft.data.datasets import as_torch_dataset, train_transform
+from robustft.data.datasets import train_transform
 from robustft.features import resolve_precision
 from robustft.io import sha256_file, write_csv, write_json
 from robustft.methods import Method
@@ -40,6 +40,7 @@ from robustft.stages.common import (
     load_splits,
     run_splits,
     set_head,
+    split_dataset,
 )
 from robustft.training import (
     Checkpointing,
@@ -132,6 +133,7 @@ def run_finetune(
     preprocess_overrides: Mapping[str, Any] | None = None,
     backbone_kwargs: Mapping[str, float] | None = None,
     data_fingerprint: str | None = None,
+    prepared: Mapping[str, str | Path] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune with one method of the method table (`robustft.methods`), all through the
     one training loop: the entry's start (a new head or the probe's), its teacher (the
@@ -158,6 +160,9 @@ def run_finetune(
     `data_fingerprint` (the data manifest's): recorded in config.json and metrics.json with
     the backbone's weights_sha256 and the probe head's SHA-256; a probe head (a method's start
     or its teacher's head) must record the same weights and data (`check_probe_head`).
+
+    `prepared`: {split: prepared-image cache file} (train under the train transform, the
+    others under the eval transform); splits it names are read from there.
     """
     backbone, preprocess, backbone_meta = load_backbone(  # first: fail at once
         model_dir, preprocess=preprocess_overrides, backbone_kwargs=backbone_kwargs
@@ -221,11 +226,20 @@ def run_finetune(
         num_workers=num_workers,
         precision=resolve_precision(precision, device),
     )
-    evaluated = eval_sets(splits, preprocess=preprocess, transform=eval_transform(data_options))
-    train_set = as_torch_dataset(
+    evaluated = eval_sets(
+        splits,
+        preprocess=preprocess,
+        transform=eval_transform(data_options),
+        prepared=prepared,
+        data_fingerprint=data_fingerprint,
+    )
+    train_set = split_dataset(
+        "train",
         splits["train"],
         preprocess=preprocess,
         transform=(data_options or {}).get("train_transform", "resize"),
+        prepared=prepared,
+        data_fingerprint=data_fingerprint,
     )
     # What both the resume identity and config.json record of the run.
     described = {
@@ -305,6 +319,7 @@ def run_finetune(
                 "resolved_config": dict(resolved_config or {}),
                 "environment": environment_info(),
                 "provenance": recorded,
+                "prepared_images": {split: str(path) for split, path in (prepared or {}).items()},
             },
         )
         write_json(out_dir / "metrics.json", metrics)
