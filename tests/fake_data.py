@@ -297,14 +297,17 @@ def write_imagenet_photos(
     classes: int,
     train: int,
     val: int = 0,
+    first_class: int = 0,
     size: tuple[int, int] = (500, 375),
     seed: int = 0,
 ) -> Path:
-    """ImageNet's layout (train/<wnid>/<wnid>_<k>.JPEG, val/<wnid>/...) with `photo_like`
-    quality-90 JPEGs of `size` (width, height), one in four in portrait orientation."""
+    """ImageNet's layout (train/<wnid>/<wnid>_<k>.JPEG, val/<wnid>/...) for `classes` classes
+    from ImageNet's `first_class`-th on, with `photo_like` quality-90 JPEGs of `size` (width,
+    height), one in four in portrait orientation."""
     rng = np.random.default_rng(seed)
+    wnids = official_classes("imagenet")[first_class : first_class + classes]
     for split, count in (("train", train), ("val", val)):
-        for wnid in official_classes("imagenet")[:classes]:
+        for wnid in wnids:
             folder = root / split / wnid
             folder.mkdir(parents=True, exist_ok=True)
             for k in range(count):

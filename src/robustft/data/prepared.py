@@ -299,6 +299,7 @@ class PreparedImages(Dataset):
         self.layout = layout
         self._handle: Any = None
         self._pid: int | None = None
+        self._images: Any = None  # the h5py dataset of `images` or `pixels`
         self._offsets: np.ndarray | None = None
         self._shapes: np.ndarray | None = None
 
@@ -306,7 +307,7 @@ class PreparedImages(Dataset):
         return len(self.labels)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_handle": None, "_pid": None}
+        return {**self.__dict__, "_handle": None, "_pid": None, "_images": None}
 
     def _open(self) -> Any:
         if self._handle is None or self._pid != os.getpid():
@@ -315,17 +316,20 @@ class PreparedImages(Dataset):
             self._handle = h5py.File(self.path, "r")
             self._pid = os.getpid()
             if self.layout == "flat":
+                self._images = self._handle["pixels"]
                 self._offsets = self._handle["offsets"][...]
                 self._shapes = self._handle["shapes"][...]
-        return self._handle
+            else:
+                self._images = self._handle["images"]
+        return self._images
 
     def image(self, index: int) -> torch.Tensor:
         """The cached image `index` as stored (before the random steps)."""
-        handle = self._open()
+        images = self._open()
         if self.layout == "fixed":
-            return torch.from_numpy(handle["images"][index])
+            return torch.from_numpy(images[index])
         start, stop = self._offsets[index], self._offsets[index + 1]
-        return torch.from_numpy(handle["pixels"][start:stop].reshape(self._shapes[index]))
+        return torch.from_numpy(images[start:stop].reshape(self._shapes[index]))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.image(index)
