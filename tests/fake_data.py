@@ -268,3 +268,51 @@ def write_tiny_toyshift_job(root: Path, *, train_per_class: int, width: int) -> 
         preprocess=Preprocess(input_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
     )
     return root
+
+
+def photo_like(rng: np.random.Generator, *, width: int = 500, height: int = 375) -> Image.Image:
+    """An RGB image with what makes photographs cost what they cost to decode and store:
+    smooth colour regions, texture, edges and sensor noise (about 90 KB as a quality-90
+    JPEG at 500×375, as ImageNet's photographs are)."""
+    from PIL import ImageDraw, ImageFilter
+
+    base = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8))
+    image = base.resize((width, height), Image.BICUBIC)
+    grain = rng.integers(0, 256, (max(1, height // 2), max(1, width // 2), 3), dtype=np.uint8)
+    image = Image.blend(image, Image.fromarray(grain).resize((width, height), Image.BILINEAR), 0.45)
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(3, 9))):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        w, h = (int(v) for v in rng.integers(width // 25 + 1, width // 2 + 2, 2))
+        draw.ellipse([x, y, x + w, y + h], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    image = image.filter(ImageFilter.GaussianBlur(0.6))
+    noise = rng.integers(-20, 21, (height, width, 3), dtype=np.int16)
+    pixels = np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def write_imagenet_photos(
+    root: Path,
+    *,
+    classes: int,
+    train: int,
+    val: int = 0,
+    first_class: int = 0,
+    size: tuple[int, int] = (500, 375),
+    seed: int = 0,
+) -> Path:
+    """ImageNet's layout (train/<wnid>/<wnid>_<k>.JPEG, val/<wnid>/...) for `classes` classes
+    from ImageNet's `first_class`-th on, with `photo_like` quality-90 JPEGs of `size` (width,
+    height), one in four in portrait orientation."""
+    rng = np.random.default_rng(seed)
+    wnids = official_classes("imagenet")[first_class : first_class + classes]
+    for split, count in (("train", train), ("val", val)):
+        for wnid in wnids:
+            folder = root / split / wnid
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                width, height = size if rng.random() < 0.75 else size[::-1]
+                photo_like(rng, width=width, height=height).save(
+                    folder / f"{wnid}_{k}.JPEG", quality=90
+                )
+    return root

@@ -25,6 +25,10 @@ PAPER_JOBS = {
     # train, val, test + OOD: 4 (CIFAR→STL) 4 (→CIFAR-10.1) 4 + 4 (BREEDS) 6 (DomainNet)
     # 5 (FMoW) 7 (ImageNet)
     "extract_features": 34,
+    # The prepared-image cache of the image-file settings, one per split and transform: the
+    # eval transform of every split, and the train transform of train where it differs
+    # (BREEDS 4 + 1 each, DomainNet 6 + 1, FMoW 5, ImageNet 7 + 1).
+    "prepare_images": 2 * 5 + 7 + 5 + 8,
     "fit_probe": 7 * 3,
     # 7 settings × (FT 6 lrs + LP-FT 6 + L2-SP, L1-SP, KD 2 lrs × 3 values + LoRA 3 lrs × 2
     # ranks) × 3 seeds

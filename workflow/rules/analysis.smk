@@ -74,6 +74,7 @@ rule feature_distortion:
     input:
         get_distortion_inputs,
         data_manifest=f"{DATA_MANIFESTS}/{{dataset}}.json",
+        prepared=get_prepared_inputs("distortion"),
     output:
         csv=report(
             "results/analysis/distortion/{dataset}.csv",
@@ -107,5 +108,6 @@ rule feature_distortion:
         precision=config["features"]["precision"],
         device=config["device"],
         progress=config["progress"],
+        prepared=get_prepared("distortion"),
     script:
         "../scripts/feature_distortion.py"

@@ -25,6 +25,7 @@ from robustft.data.registry import (
     BUILTIN_SETTINGS,
     GENERATED,
     ID_SPLITS,
+    TRANSFORMS,
     dataset_options,
     dataset_sources,
 )
@@ -189,6 +190,8 @@ def get_data_options(stage):
     drop = {"ood_splits", "backbones", "finetune"}
     if stage == "features":
         drop.add("train_transform")
+    if stage == "prepare":  # the transform is in the cache file's path
+        drop.update({"train_transform", "eval_transform"})
 
     def options(wildcards):
         return {
@@ -628,6 +631,91 @@ def get_distortion_inputs(wildcards):
         files.append(f"{plan['model_dir']}/meta.json")
         files += list(plan["features"].values()) + list(plan["selections"].values())
     return files
+
+
+# --- the prepared-image cache (rule prepare_images, docs/prepared-cache.md) ----------------
+
+PREPARED = "results/prepared"
+
+
+def uses_prepared_cache(dataset):
+    """Whether a dataset's jobs read its images from the prepared-image cache:
+    `dataset_settings.<d>.prepared_cache` where set, else `prepared_cache.enabled` for
+    datasets of image files (in-memory ones, the toy and CIFAR, need none)."""
+    own = (config["dataset_settings"].get(dataset) or {}).get("prepared_cache")
+    if own is not None:
+        return bool(own)
+    options = DATASET_OPTIONS[dataset]
+    in_memory = options["type"] == "builtin" and BUILTIN_SETTINGS[dataset].in_memory
+    return bool(config["prepared_cache"]["enabled"]) and not in_memory
+
+
+def get_prepared_file(backbone, dataset, split, transform):
+    return f"{PREPARED}/{backbone}/{dataset}/{split}/{transform}.h5"
+
+
+def get_prepared_splits(dataset, backbone, splits, *, train_transform=False):
+    """{split: its cache file} (the eval transform; the train transform for train when
+    `train_transform`), or {} where the dataset has no cache."""
+    if not uses_prepared_cache(dataset):
+        return {}
+    options = DATASET_OPTIONS[dataset]
+
+    def transform(split):
+        if train_transform and split == "train":
+            return options["train_transform"]
+        return options["eval_transform"]
+
+    return {
+        split: get_prepared_file(backbone, dataset, split, transform(split))
+        for split in splits
+    }
+
+
+def get_prepared(stage):
+    """{split: cache file} that a job of `stage` reads (its `prepared` param): finetune
+    every split, features its own, evaluate (wiseft, zeroshot) all but train; distortion
+    {backbone: {split: cache file}}."""
+
+    def prepared(wildcards):
+        dataset = wildcards.dataset
+        if stage == "distortion":
+            return {
+                backbone: get_prepared_splits(
+                    dataset, backbone, get_distortion_splits(dataset)
+                )
+                for backbone in get_backbones(dataset)
+            }
+        splits = {
+            "finetune": get_splits(dataset),
+            "features": [getattr(wildcards, "split", None)],
+            "evaluate": [split for split in get_splits(dataset) if split != "train"],
+        }[stage]
+        return get_prepared_splits(
+            dataset, wildcards.backbone, splits, train_transform=stage == "finetune"
+        )
+
+    return prepared
+
+
+def get_prepared_inputs(stage):
+    """The cache files of `get_prepared(stage)`, as a job's input list."""
+
+    def inputs(wildcards):
+        files = get_prepared(stage)(wildcards)
+        if stage == "distortion":
+            return [path for own in files.values() for path in own.values()]
+        return list(files.values())
+
+    return inputs
+
+
+def get_shorter_side(wildcards):
+    """prepared_cache.shorter_side for random_resized_crop caches, None for the others (so
+    that changing it rebuilds only those)."""
+    if wildcards.transform != "random_resized_crop":
+        return None
+    return config["prepared_cache"]["shorter_side"]
 
 
 # --- expected sizes: which checks mark a table's splits (allow_subset) ---------------------

@@ -79,3 +79,33 @@ rule fingerprint_dataset:
         cache_dir=FINGERPRINT_CACHE,
     script:
         "../scripts/fingerprint_dataset.py"
+
+
+# The prepared-image cache (docs/prepared-cache.md): each split decoded and resized once, to
+# what its transform needs at the backbone's preprocessing (meta.json and the preprocess
+# overrides), and read by every job of the dataset. Fine-tuning settings do not reach it.
+rule prepare_images:
+    input:
+        unpack(get_dataset_files),
+        meta=f"{MODELS}/{{backbone}}/meta.json",
+    output:
+        get_prepared_file("{backbone}", "{dataset}", "{split}", "{transform}"),
+    log:
+        f"{LOGS}/prepare_images/{{backbone}}/{{dataset}}/{{split}}/{{transform}}.log",
+    benchmark:
+        f"{BENCHMARKS}/prepare_images/{{backbone}}/{{dataset}}/{{split}}/{{transform}}.tsv"
+    wildcard_constraints:
+        transform=_alternatives(TRANSFORMS),
+    conda:
+        "../../envs/torch.yaml"
+    threads: get_threads("prepare")
+    resources:
+        **get_stage_resources("prepare"),
+    params:
+        data_root=get_data_root,
+        data_options=get_data_options("prepare"),
+        preprocess=get_preprocess_params,
+        shorter_side=get_shorter_side,
+        compression=config["prepared_cache"]["compression"],
+    script:
+        "../scripts/prepare_images.py"

@@ -5,6 +5,7 @@ rule extract_features:
     input:
         unpack(get_dataset_files),
         unpack(get_backbone_files),
+        prepared=get_prepared_inputs("features"),
     output:
         "results/features/{backbone}/{dataset}/{split}.h5",
     log:
@@ -27,5 +28,8 @@ rule extract_features:
         precision=config["features"]["precision"],
         device=config["device"],
         progress=config["progress"],
+        prepared=lambda wildcards: get_prepared("features")(wildcards).get(
+            wildcards.split
+        ),
     script:
         "../scripts/extract_features.py"

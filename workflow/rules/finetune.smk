@@ -8,6 +8,7 @@ rule finetune:
         unpack(get_backbone_files),
         unpack(get_probe_files),
         unpack(get_text_tower_files),
+        prepared=get_prepared_inputs("finetune"),
     output:
         model="results/finetune/{method}/{backbone}/{dataset}/{run}/seed{seed}/model.safetensors",
         history="results/finetune/{method}/{backbone}/{dataset}/{run}/seed{seed}/history.csv",
@@ -37,6 +38,7 @@ rule finetune:
         device=config["device"],
         progress=config["progress"],
         text_cache=HF_CACHE,
+        prepared=get_prepared("finetune"),
     script:
         "../scripts/finetune.py"
 

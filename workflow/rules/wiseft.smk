@@ -11,6 +11,7 @@ rule wiseft:
         unpack(get_dataset_files),
         unpack(get_backbone_files),
         unpack(get_wiseft_inputs),
+        prepared=get_prepared_inputs("evaluate"),
     output:
         curve="results/wiseft/{backbone}/{dataset}/seed{seed}/curve.csv",
     log:
@@ -32,6 +33,7 @@ rule wiseft:
         preprocess=get_preprocess_params,
         batch_size=config["features"]["batch_size"],
         device=config["device"],
+        prepared=get_prepared("evaluate"),
     script:
         "../scripts/wiseft.py"
 

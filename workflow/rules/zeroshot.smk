@@ -24,6 +24,7 @@ rule zeroshot:
         unpack(get_dataset_files),
         unpack(get_backbone_files),
         text_tower=f"{MODELS}/{{backbone}}/text_tower.json",
+        prepared=get_prepared_inputs("evaluate"),
     output:
         head="results/zeroshot/{backbone}/{dataset}/head.safetensors",
         metrics="results/zeroshot/{backbone}/{dataset}/metrics.json",
@@ -42,5 +43,6 @@ rule zeroshot:
         preprocess=get_preprocess_params,
         batch_size=config["features"]["batch_size"],
         device=config["device"],
+        prepared=get_prepared("evaluate"),
     script:
         "../scripts/zeroshot.py"

@@ -21,4 +21,5 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         device=resolve_device(snakemake.params.device),
         progress=snakemake.params.progress,
         data_fingerprint=read_data_fingerprint(snakemake.input.get("data_manifest")),
+        prepared=snakemake.params.prepared,
     )

@@ -17,5 +17,6 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         device=resolve_device(snakemake.params.device),
         progress=snakemake.params.progress,
         data_fingerprint=read_data_fingerprint(snakemake.input.get("data_manifest")),
+        prepared=snakemake.params.prepared,
     )
     write_distortion(rows=rows, csv_path=snakemake.output.csv, plot_path=snakemake.output.plot)

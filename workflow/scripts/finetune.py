@@ -36,5 +36,6 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         backbone_kwargs=snakemake.params.backbone_kwargs,
         data_fingerprint=read_data_fingerprint(snakemake.input.get("data_manifest")),
         text_cache=snakemake.params.text_cache,  # read only by a method that trains a text tower
+        prepared=snakemake.params.prepared,
         **snakemake.params.settings,
     )

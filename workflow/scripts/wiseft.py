@@ -22,4 +22,5 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         batch_size=snakemake.params.batch_size,
         device=resolve_device(snakemake.params.device),
         data_fingerprint=read_data_fingerprint(snakemake.input.get("data_manifest")),
+        prepared=snakemake.params.prepared,
     )

@@ -195,6 +195,65 @@ def decode_image(path: str) -> PILImage.Image:
         ) from None
 
 
+class ContiguousRandomResizedCrop(torch.nn.Module):
+    """torchvision's RandomResizedCrop (same random draws, same pixels: see
+    tests/test_prepared_cache.py), with the crop made contiguous before the resize: torch
+    resizes a strided view of an image 2-3× more slowly than a contiguous copy of it."""
+
+    def __init__(self, size: int, *, interpolation: Any, antialias: bool = True) -> None:
+        from torchvision.transforms import v2
+
+        super().__init__()
+        self.crop = v2.RandomResizedCrop(size, interpolation=interpolation, antialias=antialias)
+
+    def forward(self, image: Any) -> Any:
+        from torchvision.transforms.v2 import functional as TF
+
+        if not isinstance(image, torch.Tensor):
+            return self.crop(image)
+        box = self.crop.make_params([image])
+        region = TF.crop(image, box["top"], box["left"], box["height"], box["width"])
+        return TF.resize(
+            region.contiguous(),
+            list(self.crop.size),
+            interpolation=self.crop.interpolation,
+            antialias=self.crop.antialias,
+        )
+
+
+def transform_steps(
+    name: str, *, size: int, crop_pct: float = 0.875, interpolation: str = "bicubic"
+) -> tuple[list[Callable], list[Callable]]:
+    """(deterministic steps, random steps) of transform `name` on a uint8 CHW tensor: the
+    transform is the one, then the other (`image_transform`). The prepared-image cache
+    stores the output of the deterministic steps (`robustft.data.prepared`)."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    mode = InterpolationMode(interpolation)
+    scaled = int(size / crop_pct)
+    steps = {
+        "resize": ([v2.Resize((size, size), interpolation=mode, antialias=True)], []),
+        "resize_center_crop": (
+            [v2.Resize(scaled, interpolation=mode, antialias=True), v2.CenterCrop(size)],
+            [],
+        ),
+        "random_resized_crop": (
+            [],
+            [
+                ContiguousRandomResizedCrop(size, interpolation=mode),
+                v2.RandomHorizontalFlip(),
+            ],
+        ),
+        "resize_random_crop": (
+            [v2.Resize((scaled, scaled), interpolation=mode, antialias=True)],
+            [v2.RandomCrop(size), v2.RandomHorizontalFlip()],
+        ),
+    }
+    if name not in steps:
+        raise ValueError(f"unknown transform {name!r}; known: {', '.join(steps)}")
+    return steps[name]
+
+
 def image_transform(
     name: str, *, size: int, crop_pct: float = 0.875, interpolation: str = "bicubic"
 ) -> Callable:
@@ -205,30 +264,27 @@ def image_transform(
     random_resized_crop: RandomResizedCrop + flip (ImageNet train); resize_random_crop:
     squash to (size/crop_pct)², random crop, flip (DomainNet train).
     """
-    from torchvision.transforms import InterpolationMode, v2
+    from torchvision.transforms import v2
 
-    mode = InterpolationMode(interpolation)
-    scaled = int(size / crop_pct)
-    steps = {
-        "resize": [v2.Resize((size, size), interpolation=mode, antialias=True)],
-        "resize_center_crop": [
-            v2.Resize(scaled, interpolation=mode, antialias=True),
-            v2.CenterCrop(size),
-        ],
-        "random_resized_crop": [
-            v2.RandomResizedCrop(size, interpolation=mode, antialias=True),
-            v2.RandomHorizontalFlip(),
-        ],
-        "resize_random_crop": [
-            v2.Resize((scaled, scaled), interpolation=mode, antialias=True),
-            v2.RandomCrop(size),
-            v2.RandomHorizontalFlip(),
-        ],
-    }
-    if name not in steps:
-        raise ValueError(f"unknown transform {name!r}; known: {', '.join(steps)}")
+    fixed, random = transform_steps(name, size=size, crop_pct=crop_pct, interpolation=interpolation)
     # PIL images become uint8 tensors first; tensors pass through PILToTensor unchanged.
-    return v2.Compose([v2.PILToTensor(), *steps[name], v2.ToDtype(torch.uint8)])
+    return v2.Compose([v2.PILToTensor(), *fixed, *random, v2.ToDtype(torch.uint8)])
+
+
+def preprocess_settings(preprocess: Any) -> tuple[int, float, str]:
+    """(input size, crop_pct, interpolation) of a `Preprocess`, with the transforms' defaults."""
+    size = int(preprocess.input_size)
+    crop_pct = float(getattr(preprocess, "crop_pct", 0.875) or 0.875)
+    interpolation = str(getattr(preprocess, "interpolation", "bicubic") or "bicubic")
+    return size, crop_pct, interpolation
+
+
+def split_images(split: Any, transform: Callable) -> Dataset:
+    """A split's images with `transform` applied to each (a PIL image from a file, or a uint8
+    CHW tensor from memory): (transformed image, label)."""
+    if hasattr(split, "images"):
+        return TransformedArrayDataset(split.images, split.labels, transform)
+    return FileImageDataset(split.paths, split.labels, transform, border=split.border)
 
 
 def as_torch_dataset(split: Any, *, preprocess: Any, transform: str = "resize") -> Dataset:
@@ -238,21 +294,16 @@ def as_torch_dataset(split: Any, *, preprocess: Any, transform: str = "resize") 
     `transform`: the setting's train or eval transform (see `image_transform`). In-memory
     images already at the input size pass through untouched under `resize` (the toy data).
     """
-    size = int(preprocess.input_size)
-    crop_pct = float(getattr(preprocess, "crop_pct", 0.875) or 0.875)
-    interpolation = str(getattr(preprocess, "interpolation", "bicubic") or "bicubic")
-    if hasattr(split, "images"):
-        _, height, width, _ = split.images.shape
-        if transform == "resize" and height == size and width == size:
-            dataset: Dataset = ArrayImageDataset(split.images, split.labels)
-        else:
-            fn = image_transform(
-                transform, size=size, crop_pct=crop_pct, interpolation=interpolation
-            )
-            dataset = TransformedArrayDataset(split.images, split.labels, fn)
+    size, crop_pct, interpolation = preprocess_settings(preprocess)
+    if (
+        hasattr(split, "images")
+        and transform == "resize"
+        and split.images.shape[1:3] == (size, size)
+    ):
+        dataset: Dataset = ArrayImageDataset(split.images, split.labels)
     else:
         fn = image_transform(transform, size=size, crop_pct=crop_pct, interpolation=interpolation)
-        dataset = FileImageDataset(split.paths, split.labels, fn, border=split.border)
+        dataset = split_images(split, fn)
     dataset.class_subset = getattr(split, "class_subset", None)
     dataset.class_groups = getattr(split, "class_groups", None)
     return dataset

@@ -9,6 +9,7 @@ Snakemake (the scripts in workflow/scripts call these):
 - `finetune`: one fine-tuning run of one method of the method table;
 - `wiseft`: WiSE-FT curves between the probe and the selected runs;
 - `zeroshot`: the zero-shot CLIP model;
+- `prepare`: the prepared-image cache of a split (decoded and resized once);
 - `common`: what they share (environment, splits, eval transform, heads).
 
 The names are re-exported lazily: a job imports only its own step's module, so that the probe
@@ -32,6 +33,7 @@ _EXPORTS = {
     "run_finetune": "finetune",
     "preprocess_of": "pretrain",
     "pretrain_toy_backbone": "pretrain",
+    "prepare_images": "prepare",
     "train_baseline": "pretrain",
     "run_probe": "probe",
     "run_wiseft": "wiseft",
@@ -46,6 +48,7 @@ __all__ = [
     "extract_split",
     "feature_distortion",
     "load_probe_head",
+    "prepare_images",
     "preprocess_of",
     "pretrain_toy_backbone",
     "probe_head_provenance",
@@ -66,6 +69,7 @@ if TYPE_CHECKING:
         probe_head_provenance,
         run_finetune,
     )
+    from robustft.stages.prepare import prepare_images
     from robustft.stages.pretrain import preprocess_of, pretrain_toy_backbone, train_baseline
     from robustft.stages.probe import run_probe
     from robustft.stages.wiseft import run_wiseft

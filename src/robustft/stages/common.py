@@ -1,8 +1,10 @@
-"""What the stages share: the run's environment, its splits, the eval transform, a head."""
+"""What the stages share: the run's environment, its splits (from the prepared-image cache
+where the workflow made one), the eval transform, a head."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import platform
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -14,8 +16,11 @@ import torch
 
 from robustft import __version__
 from robustft.data.datasets import as_torch_dataset
+from robustft.data.prepared import open_prepared
 from robustft.data.registry import ID_SPLITS, Split, load_split, split_column
 from robustft.models import ImageClassifier, Preprocess
+
+log = logging.getLogger("robustft.stages")
 
 
 def environment_info() -> dict[str, Any]:
@@ -69,12 +74,50 @@ def eval_transform(data_options: Mapping[str, Any] | None) -> str:
     return (data_options or {}).get("eval_transform", "resize")
 
 
+def split_dataset(
+    split: str,
+    images: Split,
+    *,
+    preprocess: Preprocess,
+    transform: str,
+    prepared: Mapping[str, str | Path] | None = None,
+    data_fingerprint: str | None = None,
+) -> torch.utils.data.Dataset:
+    """A split as a torch dataset under `transform`: read from its prepared-image cache where
+    `prepared` names one for it (checked against this data and preprocessing), else decoded
+    and transformed from the split's own images."""
+    path = (prepared or {}).get(split)
+    if path is None:
+        return as_torch_dataset(images, preprocess=preprocess, transform=transform)
+    log.info("%s: prepared images %s", split, path)
+    return open_prepared(
+        path,
+        split=images,
+        transform=transform,
+        preprocess=preprocess,
+        data_fingerprint=data_fingerprint,
+    )
+
+
 def eval_sets(
-    splits: Mapping[str, Split], *, preprocess: Preprocess, transform: str
+    splits: Mapping[str, Split],
+    *,
+    preprocess: Preprocess,
+    transform: str,
+    prepared: Mapping[str, str | Path] | None = None,
+    data_fingerprint: str | None = None,
 ) -> dict[str, torch.utils.data.Dataset]:
-    """{table column: torch dataset} of every split but `train`, for evaluation."""
+    """{table column: torch dataset} of every split but `train`, for evaluation; from the
+    prepared-image cache where `prepared` ({split: file}) names one."""
     return {
-        split_column(split): as_torch_dataset(arrays, preprocess=preprocess, transform=transform)
+        split_column(split): split_dataset(
+            split,
+            arrays,
+            preprocess=preprocess,
+            transform=transform,
+            prepared=prepared,
+            data_fingerprint=data_fingerprint,
+        )
         for split, arrays in splits.items()
         if split != "train"
     }

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from robustft import provenance
-from robustft.data.datasets import as_torch_dataset
 from robustft.data.registry import load_split, split_column
 from robustft.features import (
     extract_features,
@@ -21,7 +20,7 @@ from robustft.features import (
     write_features,
 )
 from robustft.models import ImageClassifier, load_backbone, weights_path
-from robustft.stages.common import eval_transform, load_splits
+from robustft.stages.common import eval_transform, load_splits, split_dataset
 
 log = logging.getLogger("robustft.stages")
 
@@ -43,6 +42,7 @@ def extract_split(
     data_options: Mapping[str, Any] | None = None,
     preprocess_overrides: Mapping[str, Any] | None = None,
     data_fingerprint: str | None = None,
+    prepared: str | Path | None = None,
 ) -> None:
     """Frozen, eval-mode penultimate features of one split into an HDF5 file.
 
@@ -52,7 +52,9 @@ def extract_split(
     (`load_backbone`). The file's attrs record the resolved preprocessing, as text
     (`preprocessing`) and as JSON (`preprocess`), and the provenance (`provenance.record`:
     backbone, weights_sha256, `data_fingerprint` of the data manifest). Non-finite features
-    are refused, naming the weights, and nothing is written.
+    are refused, naming the weights, and nothing is written. `prepared`: the split's
+    prepared-image cache under the eval transform, read instead of its images (attr
+    `prepared_images`).
     """
     # The backbone first: a missing weight cache fails at once, before a dataset is read.
     backbone, preprocess, meta = load_backbone(model_dir, preprocess=preprocess_overrides)
@@ -64,7 +66,14 @@ def extract_split(
     precision = resolve_precision(precision, device)
     features, labels = extract_features(
         model,
-        as_torch_dataset(arrays, preprocess=preprocess, transform=transform),
+        split_dataset(
+            split,
+            arrays,
+            preprocess=preprocess,
+            transform=transform,
+            prepared={split: prepared} if prepared else None,
+            data_fingerprint=data_fingerprint,
+        ),
         batch_size=batch_size,
         device=device,
         num_workers=resolve_num_workers(num_workers, device=device, threads=threads),
@@ -104,6 +113,7 @@ def extract_split(
                 {**preprocess.to_dict(), "transform": transform}, sort_keys=True
             ),
             "precision": precision,
+            "prepared_images": str(prepared or ""),
             **subset,
         },
     )
@@ -134,6 +144,7 @@ def feature_distortion(
     preprocess_overrides: Mapping[str, Any] | None = None,
     backbone_name: str | None = None,
     data_fingerprint: str | None = None,
+    prepared: Mapping[str, str | Path] | None = None,
 ) -> list[dict[str, Any]]:
     """How far fine-tuning moved the penultimate features, per run and split.
 
@@ -142,7 +153,8 @@ def feature_distortion(
     `lr` and `path` (a run's metrics.json, beside its model.safetensors). Returns rows with
     the mean relative L2 change and the linear CKA between pretrained and fine-tuned features.
     The feature files and the runs must record the weights in `model_dir`'s meta.json, the
-    feature files also `backbone_name` and `data_fingerprint` where given.
+    feature files also `backbone_name` and `data_fingerprint` where given. `prepared`:
+    {split: prepared-image cache file} read instead of the split's images.
     """
     from safetensors.torch import load_file
 
@@ -195,7 +207,14 @@ def feature_distortion(
         for split, arrays in splits.items():
             after, _ = extract_features(
                 model,
-                as_torch_dataset(arrays, preprocess=preprocess, transform=transform),
+                split_dataset(
+                    split,
+                    arrays,
+                    preprocess=preprocess,
+                    transform=transform,
+                    prepared=prepared,
+                    data_fingerprint=data_fingerprint,
+                ),
                 batch_size=batch_size,
                 device=device,
                 num_workers=resolve_num_workers(num_workers, device=device, threads=threads),
@@ -234,13 +253,15 @@ def distortion_rows(
     device: str = "cpu",
     progress: bool = True,
     data_fingerprint: str | None = None,
+    prepared: Mapping[str, Mapping[str, str | Path]] | None = None,
 ) -> list[dict[str, Any]]:
     """`feature_distortion` of every selected run of every backbone of a dataset, as rows
     with `dataset` and `backbone` first.
 
     `plan` maps a backbone to its `model_dir`, its pretrained `features` ({split: feature
     file}) and its `selections` ({method: `select_run` file}); `preprocess` a backbone to its
-    config overrides of the pretrained preprocessing.
+    config overrides of the pretrained preprocessing; `prepared` a backbone to its
+    {split: prepared-image cache file}.
     """
     from robustft.io import read_json
 
@@ -267,6 +288,7 @@ def distortion_rows(
             progress=progress,
             backbone_name=backbone,
             data_fingerprint=data_fingerprint,
+            prepared=(prepared or {}).get(backbone),
         ):
             rows.append({"dataset": dataset, "backbone": backbone, **row})
     return rows

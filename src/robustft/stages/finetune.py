@@ -19,7 +19,7 @@ import torch
 
 from robustft import distributed, provenance
 from robustft.config import hparam_folder
-from robustft.data.datasets import as_torch_dataset, train_transform
+from robustft.data.datasets import train_transform
 from robustft.features import resolve_precision
 from robustft.io import sha256_file, write_csv, write_json
 from robustft.methods import Method
@@ -40,6 +40,7 @@ from robustft.stages.common import (
     load_splits,
     run_splits,
     set_head,
+    split_dataset,
 )
 from robustft.training import (
     Checkpointing,
@@ -154,6 +155,7 @@ def run_finetune(
     processes: int = 1,
     sync_batchnorm: bool = True,
     text_cache: str | Path | None = None,
+    prepared: Mapping[str, str | Path] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune with one method of the method table (`robustft.methods`), all through the
     one training loop: the entry's start (a new head or the probe's), its teacher (the
@@ -186,6 +188,8 @@ def run_finetune(
     rank 0 writes the outputs and the state. `sync_batchnorm`: see `TrainSettings`.
     `text_cache`: the Hugging Face cache holding the backbone's CLIP text tower, for a method
     that needs one (FLYP); the backbone is named by `model_dir`'s folder.
+    `prepared`: {split: prepared-image cache file} (train under the train transform, the
+    others under the eval transform); splits it names are read from there.
     """
     backbone, preprocess, backbone_meta = load_backbone(  # first: fail at once
         model_dir, preprocess=preprocess_overrides, backbone_kwargs=backbone_kwargs
@@ -260,11 +264,20 @@ def run_finetune(
     )
     parallel = distributed.current()  # None in a one-process job
     writes = parallel is None or parallel.is_main  # rank 0 writes; the others only train
-    evaluated = eval_sets(splits, preprocess=preprocess, transform=eval_transform(data_options))
-    train_set = as_torch_dataset(
+    evaluated = eval_sets(
+        splits,
+        preprocess=preprocess,
+        transform=eval_transform(data_options),
+        prepared=prepared,
+        data_fingerprint=data_fingerprint,
+    )
+    train_set = split_dataset(
+        "train",
         splits["train"],
         preprocess=preprocess,
         transform=(data_options or {}).get("train_transform", "resize"),
+        prepared=prepared,
+        data_fingerprint=data_fingerprint,
     )
     # What both the resume identity and config.json record of the run.
     described = {
@@ -351,6 +364,7 @@ def run_finetune(
                 "resolved_config": dict(resolved_config or {}),
                 "environment": environment_info(),
                 "provenance": recorded,
+                "prepared_images": {split: str(path) for split, path in (prepared or {}).items()},
             },
         )
         write_json(out_dir / "metrics.json", metrics)

@@ -37,6 +37,7 @@ def run_wiseft(
     num_workers: int = 0,
     preprocess_overrides: Mapping[str, Any] | None = None,
     data_fingerprint: str | None = None,
+    prepared: Mapping[str, str | Path] | None = None,
 ) -> list[dict[str, Any]]:
     """WiSE-FT curve of one seed: for each selected method's run of that seed (θ₁) and each α,
     evaluate θ_α = (1 − α)·θ₀ + α·θ₁ on ID val, ID test and every OOD split, where θ₀ is the
@@ -44,6 +45,7 @@ def run_wiseft(
 
     The probe head and the selected runs must record this backbone's weights and the same
     data: `data_fingerprint` (the data manifest's), or without it the probe head's.
+    `prepared`: {split: prepared-image cache file} read instead of the split's images.
     """
     from safetensors.torch import load_file
 
@@ -94,7 +96,13 @@ def run_wiseft(
     model = ImageClassifier(backbone=backbone, num_classes=num_classes, preprocess=preprocess)
     set_head(model, *load_probe_head(probe_dir))
     theta0 = {key: value.detach().clone() for key, value in model.state_dict().items()}
-    evaluated = eval_sets(splits, preprocess=preprocess, transform=eval_transform(data_options))
+    evaluated = eval_sets(
+        splits,
+        preprocess=preprocess,
+        transform=eval_transform(data_options),
+        prepared=prepared,
+        data_fingerprint=data_fingerprint,
+    )
     rows: list[dict[str, Any]] = []
     for method, selection_file in selection_files.items():
         selection = selections[method]

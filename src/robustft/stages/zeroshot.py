@@ -7,12 +7,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from robustft.data.datasets import as_torch_dataset
 from robustft.data.registry import split_column
 from robustft.evaluate import accuracy
 from robustft.io import write_json
 from robustft.models import HEAD_FILE, ImageClassifier, load_backbone, save_head
-from robustft.stages.common import eval_transform, load_splits, run_splits, set_head
+from robustft.stages.common import (
+    eval_transform,
+    load_splits,
+    run_splits,
+    set_head,
+    split_dataset,
+)
 
 log = logging.getLogger("robustft.stages")
 
@@ -31,10 +36,12 @@ def run_zeroshot(
     data_options: Mapping[str, Any] | None = None,
     preprocess_overrides: Mapping[str, Any] | None = None,
     data_fingerprint: str | None = None,
+    prepared: Mapping[str, str | Path] | None = None,
 ) -> dict[str, Any]:
     """The zero-shot CLIP model of a setting: the pretrained image tower with the text tower's
     head for the dataset's class names (`zeroshot.zeroshot_head`), evaluated on ID val, ID test
-    and every OOD split. Writes `head.safetensors` (weight, bias) and `metrics.json`."""
+    and every OOD split. Writes `head.safetensors` (weight, bias) and `metrics.json`.
+    `prepared`: {split: prepared-image cache file} read instead of the split's images."""
     from robustft.zeroshot import load_text_tower, text_tower_name, zeroshot_head
 
     backbone, preprocess, backbone_meta = load_backbone(model_dir, preprocess=preprocess_overrides)
@@ -60,7 +67,14 @@ def run_zeroshot(
     metrics: dict[str, Any] = {
         split_column(split): accuracy(
             model,
-            as_torch_dataset(arrays, preprocess=preprocess, transform=transform),
+            split_dataset(
+                split,
+                arrays,
+                preprocess=preprocess,
+                transform=transform,
+                prepared=prepared,
+                data_fingerprint=data_fingerprint,
+            ),
             batch_size=batch_size,
             device=device,
         )
