@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from robustft.data.datasets import BatchTransform, memory_format, to_float
-from robustft.evaluate import accuracy
+from robustft.evaluate import ece_column, score
 from robustft.io import atomic_path
 from robustft.runtime import StopRequested, sigterm_deferred, stop_requested
 
@@ -338,7 +338,7 @@ def train_classifier(
             raise_if_stop_requested(checkpointing, when=f"at epoch {run.epoch}, step {run.step}")
 
     def evaluate(names: list[str]) -> dict[str, float]:
-        """Scores of `names`, NaN for the other eval sets."""
+        """Accuracies (then ECEs, `ece_<name>`) of `names`, NaN for the other eval sets."""
         scores = validate(
             model,
             {name: eval_sets[name] for name in names},
@@ -346,7 +346,8 @@ def train_classifier(
             device=device,
             after_each=stop_if_requested,
         )
-        return {name: scores.get(name, float("nan")) for name in eval_sets}
+        columns = [*eval_sets, *(ece_column(name) for name in eval_sets)]
+        return {column: scores.get(column, float("nan")) for column in columns}
 
     def scored(epoch: int) -> list[str]:
         every = epoch == 0 or epoch % settings.eval_every == 0 or epoch == settings.epochs
@@ -552,7 +553,7 @@ def _score_best_epoch(
     current = copy.deepcopy(model.state_dict())
     model.load_state_dict(run.best_state)
     scores = evaluate(missing)
-    best_row.update({name: scores[name] for name in missing})
+    best_row.update({key: scores[key] for name in missing for key in (name, ece_column(name))})
     model.load_state_dict(current)
 
 
@@ -564,16 +565,18 @@ def validate(
     device: str,
     after_each: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Accuracy of `model` on each of `eval_sets` (eval mode)."""
+    """Accuracy of `model` on each of `eval_sets` (eval mode), and its expected calibration
+    error under `ece_column(name)`, both from one pass."""
     scores = {}
     for name, data in eval_sets.items():
-        scores[name] = accuracy(
+        scored = score(
             model,
             data,
             batch_size=settings.eval_batch_size,
             device=device,
             num_workers=settings.num_workers,
         )
+        scores[name], scores[ece_column(name)] = scored.accuracy, scored.ece
         if after_each is not None:
             after_each()
     return scores
