@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from robustft.data.datasets import memory_format, to_float
+from robustft.robustness import correct_predictions, expected_calibration_error
 
 
 @torch.inference_mode()
@@ -44,20 +45,6 @@ def predict_logits(
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
-# Guo et al. 2017 ("On Calibration of Modern Neural Networks"): 15 equal-width bins.
-ECE_BINS = 15
-
-
-def _restricted(
-    logits: np.ndarray, class_subset: Sequence[int] | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(logits over the scored classes, their class ids): all classes, or `class_subset`."""
-    if class_subset is None:
-        return logits, np.arange(logits.shape[1])
-    subset = np.asarray(class_subset, dtype=np.int64)
-    return logits[:, subset], subset
-
-
 def subset_accuracy(
     logits: np.ndarray,
     labels: np.ndarray,
@@ -66,56 +53,7 @@ def subset_accuracy(
 ) -> float:
     """Accuracy of argmax over `class_subset` only (ImageNet-R/A: their 200 classes); with
     `class_groups`, a prediction is right when it falls in the label's group (ObjectNet)."""
-    return float(_correct(logits, labels, class_subset, class_groups).mean())
-
-
-def _correct(
-    logits: np.ndarray,
-    labels: np.ndarray,
-    class_subset: Sequence[int] | None,
-    class_groups: Sequence[int] | None,
-) -> np.ndarray:
-    scored, classes = _restricted(logits, class_subset)
-    predicted = classes[scored.argmax(axis=1)]
-    if class_groups is not None:
-        groups = np.asarray(class_groups, dtype=np.int64)
-        return groups[predicted] == groups[labels]
-    return predicted == labels
-
-
-def expected_calibration_error(
-    *,
-    logits: np.ndarray,
-    labels: np.ndarray,
-    num_bins: int = ECE_BINS,
-    class_subset: Sequence[int] | None = None,
-    class_groups: Sequence[int] | None = None,
-) -> float:
-    """Expected calibration error (Naeini et al. 2015; Guo et al. 2017), as a fraction.
-
-    Confidence = the largest softmax probability (over `class_subset` when given, as for
-    accuracy); examples fall into `num_bins` equal-width bins (i/M, (i+1)/M];
-    ECE = Σ_bins |B|/N · |accuracy(B) − mean confidence(B)|. A prediction is correct as in
-    `subset_accuracy` (within the label's group with `class_groups`).
-    """
-    logits = np.asarray(logits, dtype=np.float64)
-    labels = np.asarray(labels)
-    if logits.ndim != 2 or len(logits) != len(labels):
-        raise ValueError(f"need N×C logits and N labels, got {logits.shape} and {labels.shape}")
-    if num_bins < 1:
-        raise ValueError(f"num_bins must be at least 1, got {num_bins}")
-    if len(labels) == 0:
-        return float("nan")
-    scored, _ = _restricted(logits, class_subset)
-    shifted = scored - scored.max(axis=1, keepdims=True)
-    confidence = 1.0 / np.exp(shifted).sum(axis=1)  # the top class's softmax probability
-    correct = _correct(logits, labels, class_subset, class_groups).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, num_bins + 1)
-    bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, num_bins - 1)
-    count = np.bincount(bins, minlength=num_bins)
-    gap = np.bincount(bins, weights=correct - confidence, minlength=num_bins)
-    # Σ_B |B|/N · |acc(B) − conf(B)| = Σ_B |Σ_{i∈B} (correct_i − conf_i)| / N
-    return float(np.abs(gap[count > 0]).sum() / len(labels))
+    return float(correct_predictions(logits, labels, class_subset, class_groups).mean())
 
 
 def ece_column(name: str) -> str:
