@@ -286,6 +286,8 @@ def test_changing_a_finetuning_key_reruns_only_finetuning_and_what_follows(tiny_
         "select_run",
         "wiseft",
         "plot_wiseft",
+        "soups",
+        "store_predictions",
         "aggregate_tables",
         "summary_table",
         "plot_id_vs_ood",
