@@ -269,5 +269,12 @@ def test_a_soup_refuses_runs_from_different_starts(sweep, tmp_path):
     runs = [{**json.loads(p.read_text()), "path": str(p)} for p in metrics_files]
     with pytest.raises(ValueError, match=r"share an initialisation.*soups\.methods"):
         check_shared_initialisation(method="ft", runs=[runs[0], runs[2]])
+    # Beside a run that records it, a run without the hash is stale.
     with pytest.raises(ValueError, match=r"init_sha256.*forcerun finetune"):
-        check_shared_initialisation(method="ft", runs=[{**runs[0], "init_sha256": None}])
+        check_shared_initialisation(method="ft", runs=[runs[0], {**runs[1], "init_sha256": None}])
+    # Runs from before the hash: their probe heads, where recorded, must agree.
+    old = [{**run, "init_sha256": None} for run in runs[:2]]
+    assert check_shared_initialisation(method="ft", runs=old) == ""
+    heads = [{**old[0], "probe_head_sha256": "a" * 64}, {**old[1], "probe_head_sha256": "b" * 64}]
+    with pytest.raises(ValueError, match="probe_head_sha256"):
+        check_shared_initialisation(method="lpft", runs=heads)

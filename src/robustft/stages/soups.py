@@ -45,19 +45,38 @@ def runs_by_seed(
 
 def check_shared_initialisation(*, method: str, runs: Sequence[Mapping[str, Any]]) -> str:
     """The runs' common `init_sha256` (the hash of the model each run started from); refuse
-    runs without it (from an older robustft) or that started from different models, which do
-    not average well."""
-    first: Mapping[str, Any] | None = None
-    for run in runs:
-        value = run.get(provenance.INIT_SHA256)
-        if not value:
-            raise ValueError(
-                f"{run['path']}: no {provenance.INIT_SHA256} (written by an older robustft); "
-                "rerun it: snakemake --forcerun finetune"
-            )
-        if first is None:
-            first = run
-        elif value != first[provenance.INIT_SHA256]:
+    runs that started from different models, which do not average well.
+
+    Runs written before the hash existed record none: then the runs of one seed are taken to
+    share their start, as the method table says (a head seeded by the seed, or the seed's
+    probe head, whose `probe_head_sha256` must then agree), with a warning; "" is returned.
+    A mixture of both kinds is refused (stale runs beside new ones).
+    """
+    recorded = [run for run in runs if run.get(provenance.INIT_SHA256)]
+    if not recorded:
+        log.warning(
+            "%s seed %s: runs record no %s (written by an older robustft); taking them to share "
+            "the seed's start",
+            method,
+            runs[0]["seed"] if runs else "?",
+            provenance.INIT_SHA256,
+        )
+        provenance.check_same(
+            records=[(run["path"], run) for run in runs],
+            name=provenance.PROBE_HEAD_SHA256,
+            rerun="finetune",
+        )
+        return ""
+    if len(recorded) != len(runs):
+        stale = next(run for run in runs if not run.get(provenance.INIT_SHA256))
+        raise ValueError(
+            f"{stale['path']}: no {provenance.INIT_SHA256} (written by an older robustft), "
+            f"unlike {recorded[0]['path']}; rerun it: snakemake --forcerun finetune"
+        )
+    first = recorded[0]
+    for run in recorded[1:]:
+        value = run[provenance.INIT_SHA256]
+        if value != first[provenance.INIT_SHA256]:
             raise ValueError(
                 f"{run['path']}: method {method!r} run {run['run']} starts from another model "
                 f"({provenance.short(value)}) than run {first['run']} "
@@ -65,7 +84,6 @@ def check_shared_initialisation(*, method: str, runs: Sequence[Mapping[str, Any]
                 f"soup averages only runs that share an initialisation: take {method} out of "
                 "config key 'soups.methods'"
             )
-    assert first is not None
     return str(first[provenance.INIT_SHA256])
 
 
