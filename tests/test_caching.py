@@ -84,6 +84,7 @@ def test_adding_one_image_reruns_that_dataset_and_nothing_else(mine_run):
             "fit_probe": 1,
             "finetune": 1,
             "select_run": 1,
+            "store_predictions": 1,
             "feature_distortion": 1,
             "aggregate_tables": 1,
             "summary_table": 1,

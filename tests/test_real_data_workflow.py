@@ -34,6 +34,7 @@ PAPER_JOBS = {
     # ranks) × 3 seeds
     "finetune": 7 * (6 + 6 + 3 * 6 + 6) * 3,
     "select_run": 7 * 6,
+    "store_predictions": 7 * 6,  # the selected runs' logits, one file per method
     "wiseft": 7 * 3,
     "plot_wiseft": 7,
     # Zero-shot heads for the two CLIP backbones (DomainNet RN50, ImageNet ViT-B/16).
@@ -73,6 +74,7 @@ def test_paper_dry_run_of_one_dataset_plans_only_that_setting(tmp_path):
         "fit_probe": 3,
         "finetune": (6 + 6 + 3 * 6 + 6) * 3,
         "select_run": 6,
+        "store_predictions": 6,
         "wiseft": 3,
         "plot_wiseft": 1,
         "aggregate_tables": 1,

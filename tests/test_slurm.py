@@ -37,7 +37,14 @@ BOUNDED_SNAKEMAKE = ["timeout", "-s", "KILL", str(RUN_TIMEOUT), *SNAKEMAKE]
 # The stages that ask for a GPU when the config says so, and their rules.
 # Stage of the config's `resources:` → the rules that take their resources from it.
 GPU_RULES = {
-    "features": ("extract_features", "feature_distortion", "wiseft", "zeroshot"),
+    "features": (
+        "extract_features",
+        "feature_distortion",
+        "wiseft",
+        "zeroshot",
+        "soups",
+        "store_predictions",
+    ),
     "finetune": ("finetune", "train_baseline"),
 }
 GPU_RULE_NAMES = {rule for rules in GPU_RULES.values() for rule in rules}
@@ -348,7 +355,8 @@ def test_slurm_dry_run_of_the_paper_config_asks_for_gpus_on_the_gpu_rules_only(t
     assert result.returncode == 0, result.stderr[-5000:]
     jobs = _dry_run_resources(result.stdout)
     rules = {rule for rule, _ in jobs}
-    assert rules >= {*GPU_RULE_NAMES, "fit_probe", "download_dataset", "fetch_backbone"}
+    # soups: only where paper.yaml's `methods` lists them.
+    assert rules >= {*GPU_RULE_NAMES - {"soups"}, "fit_probe", "download_dataset", "fetch_backbone"}
     for rule, resources in jobs:
         if rule in GPU_RULE_NAMES:
             assert resources.get("gpu") == "1", (rule, resources)

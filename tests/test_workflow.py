@@ -66,7 +66,20 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_writes_a_complete_table(tiny_run):
     table = pd.read_csv(tiny_run / "results" / "tables" / "summary.csv")
-    assert list(table["method"]) == ["lp", "ft", "lpft", "l2sp", "l1sp", "kd", "lora", "wiseft"]
+    assert list(table["method"]) == [
+        "lp",
+        "ft",
+        "lpft",
+        "l2sp",
+        "l1sp",
+        "kd",
+        "lora",
+        "wiseft",
+        "ft_soup_uniform",
+        "ft_soup_greedy",
+        "lpft_soup_uniform",
+        "lpft_soup_greedy",
+    ]
     hparams = dict(zip(table["method"], table["hparam"], strict=True))
     assert hparams["l2sp"] in ("lr=0.01, alpha=0.01", "lr=0.01, alpha=0.1")
     assert hparams["kd"] == "lr=0.01, lambda=0.5" and hparams["lora"] == "lr=0.03, rank=2"
@@ -124,6 +137,33 @@ def test_new_methods_have_their_own_run_folders_and_merged_weights(tiny_run):
     assert set(lora) == set(ft)  # merged: the plain architecture, no adapter keys
     selection = json.loads((tiny_run / "results/selected/l2sp/toyresnet/toyshift.json").read_text())
     assert set(selection["mean_id_val_by_run"]) == {"lr0.01-alpha0.01", "lr0.01-alpha0.1"}
+
+
+def test_soups_calibration_and_stored_predictions(tiny_run):
+    from robustft.evaluate import subset_accuracy
+    from robustft.predictions import read_predictions
+
+    table = pd.read_csv(tiny_run / "results" / "tables" / "summary.csv").set_index("method")
+    ece = table[["ece_id", "ece_ood", "ece_ood_real"]]
+    assert ece.notna().all().all() and ((ece >= 0) & (ece <= 1)).all().all()
+    assert "ECE OOD" in (tiny_run / "results" / "tables" / "summary.md").read_text()
+    # FT's two learning rates of a seed share its head: souped. LP-FT has one run: its soups
+    # are that run.
+    assert table.loc["ft_soup_uniform", "hparam"] == "runs=2/2 of 2"
+    soups = json.loads((tiny_run / "results/soups/ft/toyresnet/toyshift.json").read_text())
+    for record in soups["soups"]["greedy"]:
+        assert record["id_val"] >= record["steps"][0]["val_accuracy"]
+    lpft = json.loads((tiny_run / "results/soups/lpft/toyresnet/toyshift.json").read_text())
+    selection = json.loads((tiny_run / "results/selected/lpft/toyresnet/toyshift.json").read_text())
+    for record, run in zip(lpft["soups"]["uniform"], selection["runs"], strict=True):
+        assert record["id_test"] == pytest.approx(run["id_test"])
+    for method in (*FINETUNED, "ft_soup_uniform", "ft_soup_greedy", "lpft_soup_greedy"):
+        stored = read_predictions(tiny_run / f"results/predictions/{method}/toyresnet/toyshift.h5")
+        assert sorted(stored) == [0, 1] and "ood_real" in stored[0]
+    stored = read_predictions(tiny_run / "results/predictions/lpft/toyresnet/toyshift.h5")
+    for run in selection["runs"]:
+        test = stored[run["seed"]]["id_test"]
+        assert subset_accuracy(test.logits, test.labels) == pytest.approx(run["id_test"])
 
 
 def test_wiseft_curves_span_the_pretrained_and_finetuned_models(tiny_run):
@@ -248,6 +288,8 @@ def test_changing_a_finetuning_key_reruns_only_finetuning_and_what_follows(tiny_
         "select_run",
         "wiseft",
         "plot_wiseft",
+        "soups",
+        "store_predictions",
         "aggregate_tables",
         "summary_table",
         "plot_id_vs_ood",

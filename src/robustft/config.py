@@ -208,6 +208,12 @@ def _check_cross_references(config: dict[str, Any]) -> None:
                 f"config key 'wiseft.report_alpha': {wiseft['report_alpha']} is not in "
                 "wiseft.alpha_grid"
             )
+    if "soups" in config["methods"]:
+        bases = [m for m in config["soups"]["methods"] if m in config["methods"]]
+        if not bases:
+            raise ConfigError(
+                f"config key 'soups.methods': none of {config['soups']['methods']} is in 'methods'"
+            )
     c_grid = config["probe"]["c_grid"]
     if c_grid["log10_min"] > c_grid["log10_max"]:
         raise ConfigError(
@@ -253,6 +259,7 @@ def with_method_table(
     names = [STAGE_METHODS[0], *table, *STAGE_METHODS[1:]]
     properties["methods"]["items"]["enum"] = names
     properties["wiseft"]["properties"]["methods"]["items"]["enum"] = list(table)
+    properties["soups"]["properties"]["methods"]["items"]["enum"] = list(table)
     sections = properties["finetune"]["properties"]
     overrides = properties["dataset_settings"]["additionalProperties"]["properties"]["finetune"]
     for name, method in table.items():

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
 from robustft import runtime
-from robustft.evaluate import predict_logits, subset_accuracy
+from robustft.evaluate import Scores, predict_logits, score_logits
 from robustft.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def share_of_batches(order: torch.Tensor, *, batch_size: int, parallel: Parallel
     return per_batch[:, parallel.rank].reshape(-1)
 
 
-def sharded_accuracy(
+def sharded_score(
     model: torch.nn.Module,
     data: Dataset,
     *,
@@ -155,11 +155,11 @@ def sharded_accuracy(
     device: str,
     num_workers: int,
     parallel: Parallel,
-) -> float:
-    """`evaluate.accuracy` with the evaluation batches dealt out to the ranks (rank r scores
-    batches r, r + N, ...), the logits gathered, and the accuracy computed from all of them
-    on every rank. Each batch holds the images it holds in one process, so the logits, and
-    the accuracy, are those of the one-process run."""
+) -> Scores:
+    """`evaluate.score` (accuracy and ECE) with the evaluation batches dealt out to the ranks
+    (rank r scores batches r, r + N, ...), the logits gathered, and the scores computed from
+    all of them on every rank. Each batch holds the images it holds in one process, so the
+    logits, and the scores, are those of the one-process run."""
     size = len(data)  # type: ignore[arg-type]
     count = -(-size // batch_size)  # batches of one process; all full but the last
     mine = range(parallel.rank, count, parallel.world_size)
@@ -182,11 +182,11 @@ def sharded_accuracy(
             batches[b] = (shard[0][rows], shard[1][rows])
     all_logits = np.concatenate([batches[b][0] for b in range(count)])
     all_labels = np.concatenate([batches[b][1] for b in range(count)])
-    return subset_accuracy(
-        all_logits,
-        all_labels,
-        getattr(data, "class_subset", None),
-        getattr(data, "class_groups", None),
+    return score_logits(
+        logits=all_logits,
+        labels=all_labels,
+        class_subset=getattr(data, "class_subset", None),
+        class_groups=getattr(data, "class_groups", None),
     )
 
 

@@ -1,8 +1,9 @@
-"""Batched inference: logits and accuracy of a classifier on a dataset."""
+"""Batched inference: logits, accuracy and calibration (ECE) of a classifier on a dataset."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from robustft.data.datasets import memory_format, to_float
+from robustft.robustness import correct_predictions, expected_calibration_error
 
 
 @torch.inference_mode()
@@ -51,15 +53,57 @@ def subset_accuracy(
 ) -> float:
     """Accuracy of argmax over `class_subset` only (ImageNet-R/A: their 200 classes); with
     `class_groups`, a prediction is right when it falls in the label's group (ObjectNet)."""
-    if class_subset is None:
-        predicted = logits.argmax(axis=1)
-    else:
-        subset = np.asarray(class_subset, dtype=np.int64)
-        predicted = subset[logits[:, subset].argmax(axis=1)]
-    if class_groups is not None:
-        groups = np.asarray(class_groups, dtype=np.int64)
-        return float((groups[predicted] == groups[labels]).mean())
-    return float((predicted == labels).mean())
+    return float(correct_predictions(logits, labels, class_subset, class_groups).mean())
+
+
+def ece_column(name: str) -> str:
+    """The column of a split's ECE beside its accuracy column: id_val → ece_id_val."""
+    return f"ece_{name}"
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Accuracy and expected calibration error of one model on one split."""
+
+    accuracy: float
+    ece: float
+
+
+def score_logits(
+    *,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    class_subset: Sequence[int] | None = None,
+    class_groups: Sequence[int] | None = None,
+) -> Scores:
+    """Accuracy and ECE from one set of logits (the same classes scored for both)."""
+    return Scores(
+        accuracy=subset_accuracy(logits, labels, class_subset, class_groups),
+        ece=expected_calibration_error(
+            logits=logits, labels=labels, class_subset=class_subset, class_groups=class_groups
+        ),
+    )
+
+
+def score(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 512,
+    device: str = "cpu",
+    num_workers: int = 0,
+) -> Scores:
+    """Accuracy and ECE of `model` on `dataset`, scored over the dataset's own class subset
+    and groups (`as_torch_dataset` sets them), from one pass."""
+    logits, labels = predict_logits(
+        model, dataset, batch_size=batch_size, device=device, num_workers=num_workers
+    )
+    return score_logits(
+        logits=logits,
+        labels=labels,
+        class_subset=getattr(dataset, "class_subset", None),
+        class_groups=getattr(dataset, "class_groups", None),
+    )
 
 
 def accuracy(

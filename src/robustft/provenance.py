@@ -22,6 +22,9 @@ BACKBONE = "backbone"
 WEIGHTS_SHA256 = "weights_sha256"
 DATA_FINGERPRINT = "data_fingerprint"
 PROBE_HEAD_SHA256 = "probe_head_sha256"
+# A fine-tuning run's start (backbone and head before training): runs that record the same
+# value share an initialisation, which a model soup needs.
+INIT_SHA256 = "init_sha256"
 
 # Value recorded when the producing job had no data manifest.
 UNKNOWN = ""

@@ -54,6 +54,32 @@ def summarize_runs(
         values = [run[f"ood_{split}"] for run in runs]
         row[f"ood_{split}"] = float(np.mean(values))
         row[f"ood_{split}_ci90"] = interval90(values)
+    return {**row, **calibration_columns(runs=runs, ood_splits=ood_splits)}
+
+
+def calibration_columns(
+    *, runs: Sequence[Mapping[str, Any]], ood_splits: Sequence[str]
+) -> dict[str, float]:
+    """Expected calibration error (fractions) over seeds: of ID test (`ece_id`), the mean over
+    the OOD splits (`ece_ood`), and each OOD split, with 90% intervals. NaN where a run did
+    not record it (results from before ECE existed)."""
+    columns = ["ece_id_test", *(f"ece_ood_{split}" for split in ood_splits)]
+    values = {column: [float(run.get(column, float("nan"))) for run in runs] for column in columns}
+    ood = [
+        float(np.mean([values[f"ece_ood_{split}"][i] for split in ood_splits]))
+        if ood_splits
+        else float("nan")
+        for i in range(len(runs))
+    ]
+    row = {
+        "ece_id": float(np.mean(values["ece_id_test"])),
+        "ece_id_ci90": interval90(values["ece_id_test"]),
+        "ece_ood": float(np.mean(ood)),
+        "ece_ood_ci90": interval90(ood),
+    }
+    for split in ood_splits:
+        row[f"ece_ood_{split}"] = float(np.mean(values[f"ece_ood_{split}"]))
+        row[f"ece_ood_{split}_ci90"] = interval90(values[f"ece_ood_{split}"])
     return row
 
 
@@ -115,6 +141,30 @@ def failed_row(
         row[f"ood_{split}"] = nan
         row[f"ood_{split}_ci90"] = nan
     return {**row, "diverged": diverged, "note": note}
+
+
+def soup_row(
+    *, method: str, soups_file: str | Path, kind: str, ood_splits: Sequence[str]
+) -> dict[str, Any]:
+    """The row of one kind of model soup ("uniform" or "greedy") of a method's runs: every
+    seed's soup (`run_soups`'s file). hparam: how many runs each seed's soup holds, of how
+    many healthy ones."""
+    records = read_json(soups_file)["soups"][kind]
+    if not records:
+        return failed_row(
+            method=method,
+            ood_splits=ood_splits,
+            note=f"no soup: every run of every seed diverged; see {soups_file}",
+        )
+    counts = "/".join(str(len(record["ingredients"])) for record in records)
+    candidates = "/".join(sorted({str(record["candidates"]) for record in records}))
+    return summarize_runs(
+        method=method,
+        runs=records,
+        ood_splits=ood_splits,
+        hparam_name="runs",
+        hparam_value=f"{counts} of {candidates}",
+    )
 
 
 def wiseft_row(
@@ -199,6 +249,11 @@ def to_markdown(table: pd.DataFrame) -> str:
         shown[column.removeprefix("ood_")] = [
             _pct(m, c) for m, c in zip(table[column], table[f"{column}_ci90"], strict=True)
         ]
+    for column, title in (("ece_id", "ECE ID"), ("ece_ood", "ECE OOD")):
+        if column in table:
+            shown[title] = [
+                _pct(m, c) for m, c in zip(table[column], table[f"{column}_ci90"], strict=True)
+            ]
     if "note" in table and table["note"].fillna("").astype(str).str.len().gt(0).any():
         shown["note"] = table["note"].fillna("").astype(str)
     return shown.to_markdown(index=False) + "\n" + _subset_footnotes(table)
@@ -281,7 +336,7 @@ def plot_id_vs_ood(table: pd.DataFrame, *, out_path: str | Path) -> None:
                 100 * row["ood"],
                 xerr=100 * row["id_ci90"],
                 yerr=100 * row["ood_ci90"],
-                fmt="o",
+                fmt="s" if "_soup_" in str(row["method"]) else "o",  # soups: squares
                 capsize=3,
                 label=row["method"],
             )
@@ -312,8 +367,9 @@ def aggregate_dataset(
     check_splits: Mapping[str, Sequence[Sequence[str]]] | None = None,
 ) -> pd.DataFrame:
     """The table of one dataset: a row per (backbone, method), from `sources`, which maps
-    "method/backbone" to the probe metrics of every seed (lp), a `select_run` file, or for
-    wiseft {"curves": [curve.csv per seed], "alpha": α, "endpoint": "ft"}. Splits read from
+    "method/backbone" to the probe metrics of every seed (lp), a `select_run` file, for
+    wiseft {"curves": [curve.csv per seed], "alpha": α, "endpoint": "ft"}, or for a soup row
+    {"soups": its `run_soups` file, "kind": "uniform" or "greedy"}. Splits read from
     a subset copy (see `subset_notes`) get a `subset` column and a line under the table."""
     rows = []
     for key, files in sources.items():
@@ -327,6 +383,13 @@ def aggregate_dataset(
                 ood_splits=ood_splits,
                 hparam_name="templates",
                 hparam_value="80",
+            )
+        elif isinstance(files, Mapping) and "soups" in files:
+            row = soup_row(
+                method=method,
+                soups_file=files["soups"],
+                kind=files["kind"],
+                ood_splits=ood_splits,
             )
         elif method == "wiseft":
             row = wiseft_row(

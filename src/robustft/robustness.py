@@ -1,5 +1,6 @@
-"""Effective robustness (Taori et al. 2020; Andreassen et al. 2022) and feature distortion
-(Kumar et al. 2022): small pure functions over accuracies and feature matrices.
+"""Effective robustness (Taori et al. 2020; Andreassen et al. 2022), feature distortion
+(Kumar et al. 2022) and calibration (expected calibration error): small pure functions over
+accuracies, feature matrices and logits.
 
 ER of a model = its OOD accuracy minus the OOD accuracy that the baseline line predicts from
 its ID accuracy, where the line is fitted in logit space over models trained on ID data only.
@@ -103,3 +104,68 @@ def relative_change(before: np.ndarray, after: np.ndarray) -> float:
     norms = np.linalg.norm(before, axis=1)
     change = np.linalg.norm(after - before, axis=1)
     return float(np.mean(change / np.maximum(norms, 1e-12)))
+
+
+# Guo et al. 2017 ("On Calibration of Modern Neural Networks"): 15 equal-width bins.
+ECE_BINS = 15
+
+
+def _scored_logits(
+    logits: np.ndarray, class_subset: Sequence[int] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(logits over the scored classes, their class ids): all classes, or `class_subset`."""
+    if class_subset is None or len(class_subset) == 0:
+        return logits, np.arange(logits.shape[1])
+    subset = np.asarray(class_subset, dtype=np.int64)
+    return logits[:, subset], subset
+
+
+def correct_predictions(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    class_subset: Sequence[int] | None = None,
+    class_groups: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Whether each argmax (over `class_subset` only when given: ImageNet-R/A's 200 classes)
+    is right; with `class_groups`, right when it falls in the label's group (ObjectNet)."""
+    scored, classes = _scored_logits(np.asarray(logits), class_subset)
+    predicted = classes[scored.argmax(axis=1)]
+    if class_groups is not None and len(class_groups):
+        groups = np.asarray(class_groups, dtype=np.int64)
+        return groups[predicted] == groups[labels]
+    return predicted == np.asarray(labels)
+
+
+def expected_calibration_error(
+    *,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    num_bins: int = ECE_BINS,
+    class_subset: Sequence[int] | None = None,
+    class_groups: Sequence[int] | None = None,
+) -> float:
+    """Expected calibration error (Naeini et al. 2015; Guo et al. 2017), as a fraction.
+
+    Confidence = the largest softmax probability (over `class_subset` when given, the classes
+    accuracy is scored over); examples fall into `num_bins` equal-width bins (i/M, (i+1)/M];
+    ECE = Σ_bins |B|/N · |accuracy(B) − mean confidence(B)|, a prediction being right as in
+    `correct_predictions`.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels)
+    if logits.ndim != 2 or len(logits) != len(labels):
+        raise ValueError(f"need N×C logits and N labels, got {logits.shape} and {labels.shape}")
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be at least 1, got {num_bins}")
+    if len(labels) == 0:
+        return float("nan")
+    scored, _ = _scored_logits(logits, class_subset)
+    shifted = scored - scored.max(axis=1, keepdims=True)
+    confidence = 1.0 / np.exp(shifted).sum(axis=1)  # the top class's softmax probability
+    correct = correct_predictions(logits, labels, class_subset, class_groups).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, num_bins + 1)
+    bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, num_bins - 1)
+    count = np.bincount(bins, minlength=num_bins)
+    gap = np.bincount(bins, weights=correct - confidence, minlength=num_bins)
+    # Σ_B |B|/N · |acc(B) − conf(B)| = Σ_B |Σ_{i∈B} (correct_i − conf_i)| / N
+    return float(np.abs(gap[count > 0]).sum() / len(labels))

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from robustft import distributed
 from robustft.data.datasets import BatchTransform, memory_format, to_float
 from robustft.distributed import Parallel
-from robustft.evaluate import accuracy
+from robustft.evaluate import ece_column, score
 from robustft.io import atomic_path
 from robustft.runtime import StopRequested, sigterm_deferred, stop_requested
 
@@ -385,7 +385,7 @@ def train_classifier(
             save()
 
     def evaluate(names: list[str]) -> dict[str, float]:
-        """Scores of `names`, NaN for the other eval sets."""
+        """Accuracies (then ECEs, `ece_<name>`) of `names`, NaN for the other eval sets."""
         scores = validate(
             model,
             {name: eval_sets[name] for name in names},
@@ -394,7 +394,8 @@ def train_classifier(
             after_each=stop_if_requested,
             parallel=parallel,
         )
-        return {name: scores.get(name, float("nan")) for name in eval_sets}
+        columns = [*eval_sets, *(ece_column(name) for name in eval_sets)]
+        return {column: scores.get(column, float("nan")) for column in columns}
 
     def scored(epoch: int) -> list[str]:
         every = epoch == 0 or epoch % settings.eval_every == 0 or epoch == settings.epochs
@@ -633,7 +634,7 @@ def _score_best_epoch(
     current = copy.deepcopy(model.state_dict())
     model.load_state_dict(run.best_state)
     scores = evaluate(missing)
-    best_row.update({name: scores[name] for name in missing})
+    best_row.update({key: scores[key] for name in missing for key in (name, ece_column(name))})
     model.load_state_dict(current)
 
 
@@ -646,27 +647,19 @@ def validate(
     after_each: Callable[[], None] | None = None,
     parallel: Parallel | None = None,
 ) -> dict[str, float]:
-    """Accuracy of `model` on each of `eval_sets` (eval mode); with `parallel`, the batches
-    dealt out to the ranks (`distributed.sharded_accuracy`, the same scores)."""
+    """Accuracy of `model` on each of `eval_sets` (eval mode), and its expected calibration
+    error under `ece_column(name)`, both from one pass; with `parallel`, the batches dealt out
+    to the ranks (`distributed.sharded_score`, the same scores)."""
     scores = {}
     for name, data in eval_sets.items():
+        loader = {"batch_size": settings.eval_batch_size, "device": device}
         if parallel is None:
-            scores[name] = accuracy(
-                model,
-                data,
-                batch_size=settings.eval_batch_size,
-                device=device,
-                num_workers=settings.num_workers,
-            )
+            scored = score(model, data, num_workers=settings.num_workers, **loader)
         else:
-            scores[name] = distributed.sharded_accuracy(
-                model,
-                data,
-                batch_size=settings.eval_batch_size,
-                device=device,
-                num_workers=settings.num_workers,
-                parallel=parallel,
+            scored = distributed.sharded_score(
+                model, data, num_workers=settings.num_workers, parallel=parallel, **loader
             )
+        scores[name], scores[ece_column(name)] = scored.accuracy, scored.ece
         if after_each is not None:
             after_each()
     return scores

@@ -67,6 +67,13 @@ for _dataset, _options in DATASET_OPTIONS.items():
 METHOD_TABLE = method_table(config["finetune"])
 FINETUNE_METHODS = [name for name in config["methods"] if name in METHOD_TABLE]
 WISEFT_METHODS = [m for m in config["wiseft"]["methods"] if m in FINETUNE_METHODS]
+# Methods whose runs are souped (rule soups), and the two kinds of soup (robustft.soups).
+SOUP_METHODS = (
+    [m for m in config["soups"]["methods"] if m in FINETUNE_METHODS]
+    if "soups" in config["methods"]
+    else []
+)
+SOUP_KINDS = ("uniform", "greedy")
 LOGS = "results/logs"
 # One manifest per dataset (rule fingerprint_dataset); listings cached between runs.
 DATA_MANIFESTS = "results/data"
@@ -415,15 +422,24 @@ def get_probe_files(wildcards):
     return {}
 
 
-def get_run_metrics(wildcards):
-    return expand(
-        "results/finetune/{method}/{backbone}/{dataset}/{run}/seed{seed}/metrics.json",
-        method=wildcards.method,
-        backbone=wildcards.backbone,
-        dataset=wildcards.dataset,
-        run=get_run_grid(wildcards.method, wildcards.dataset),
-        seed=config["seeds"],
-    )
+def get_run_files(name):
+    """The file `name` of every run (sweep point × seed) of a method on a backbone and dataset."""
+
+    def files(wildcards):
+        return expand(
+            "results/finetune/{method}/{backbone}/{dataset}/{run}/seed{seed}/{name}",
+            method=wildcards.method,
+            backbone=wildcards.backbone,
+            dataset=wildcards.dataset,
+            run=get_run_grid(wildcards.method, wildcards.dataset),
+            seed=config["seeds"],
+            name=name,
+        )
+
+    return files
+
+
+get_run_metrics = get_run_files("metrics.json")
 
 
 def get_table_inputs(wildcards):
@@ -451,6 +467,12 @@ def get_table_inputs(wildcards):
                 "alpha": config["wiseft"]["report_alpha"],
                 "endpoint": WISEFT_METHODS[0],
             }
+        for method in SOUP_METHODS:
+            for kind in SOUP_KINDS:
+                inputs[f"{method}_soup_{kind}/{backbone}"] = {
+                    "soups": f"results/soups/{method}/{backbone}/{wildcards.dataset}.json",
+                    "kind": kind,
+                }
     return inputs
 
 
@@ -484,6 +506,8 @@ def get_table_files(wildcards):
     for value in get_table_inputs(wildcards).values():
         if isinstance(value, str):
             files.append(value)
+        elif isinstance(value, dict) and "soups" in value:
+            files.append(value["soups"])
         elif isinstance(value, dict):
             files += list(value["curves"])
         else:
@@ -580,7 +604,7 @@ def get_er_inputs(wildcards):
         "selections": {
             key: file
             for key, file in table.items()
-            if not key.startswith(("lp/", "wiseft/", "zeroshot/"))
+            if isinstance(file, str) and not key.startswith(("lp/", "zeroshot/"))
         },
     }
 
@@ -754,6 +778,13 @@ def get_final_outputs():
         outputs += expand(
             "results/plots/wiseft_{dataset}.png", dataset=config["datasets"]
         )
+    if config["analysis"]["predictions"]:
+        outputs += [
+            f"results/predictions/{method}/{backbone}/{dataset}.h5"
+            for dataset in config["datasets"]
+            for backbone in get_backbones(dataset)
+            for method in FINETUNE_METHODS
+        ]
     if config["analysis"]["effective_robustness"]:
         outputs += [
             f"results/analysis/er/{dataset}.csv"

@@ -96,6 +96,7 @@ rule prepare_images:
         f"{BENCHMARKS}/prepare_images/{{backbone}}/{{dataset}}/{{split}}/{{transform}}.tsv"
     wildcard_constraints:
         transform=_alternatives(TRANSFORMS),
+    priority: PRIORITY["features"]
     conda:
         "../../envs/torch.yaml"
     threads: get_threads("prepare")

@@ -29,7 +29,7 @@ from typing import Any
 
 STARTS = ("random_head", "probe_head")
 # Methods with rules of their own rather than fine-tuning runs.
-STAGE_METHODS = ("lp", "wiseft", "zeroshot")
+STAGE_METHODS = ("lp", "wiseft", "zeroshot", "soups")
 # Keys of finetune.<method> that every fine-tuning method has (the training loop's own).
 LOOP_KEYS = ("lr_grid", "bn", "clip_grad_norm", "entry")
 

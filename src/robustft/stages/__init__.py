@@ -8,6 +8,8 @@ Snakemake (the scripts in workflow/scripts call these):
 - `probe`: the linear probe on those features (needs no torch);
 - `finetune`: one fine-tuning run of one method of the method table;
 - `wiseft`: WiSE-FT curves between the probe and the selected runs;
+- `soups`: model soups of a method's runs (uniform and greedy);
+- `predictions`: stored per-example logits of the selected runs;
 - `zeroshot`: the zero-shot CLIP model;
 - `prepare`: the prepared-image cache of a split (decoded and resized once);
 - `common`: what they share (environment, splits, eval transform, heads).
@@ -37,6 +39,8 @@ _EXPORTS = {
     "train_baseline": "pretrain",
     "run_probe": "probe",
     "run_wiseft": "wiseft",
+    "run_soups": "soups",
+    "store_predictions": "predictions",
     "run_zeroshot": "zeroshot",
 }
 
@@ -54,8 +58,10 @@ __all__ = [
     "probe_head_provenance",
     "run_finetune",
     "run_probe",
+    "run_soups",
     "run_wiseft",
     "run_zeroshot",
+    "store_predictions",
     "train_baseline",
 ]
 
@@ -69,9 +75,11 @@ if TYPE_CHECKING:
         probe_head_provenance,
         run_finetune,
     )
+    from robustft.stages.predictions import store_predictions
     from robustft.stages.prepare import prepare_images
     from robustft.stages.pretrain import preprocess_of, pretrain_toy_backbone, train_baseline
     from robustft.stages.probe import run_probe
+    from robustft.stages.soups import run_soups
     from robustft.stages.wiseft import run_wiseft
     from robustft.stages.zeroshot import run_zeroshot
 

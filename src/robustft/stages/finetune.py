@@ -33,6 +33,7 @@ from robustft.models import (
     save_model,
 )
 from robustft.runtime import sigterm_deferred
+from robustft.soups import state_dict_sha256
 from robustft.stages.common import (
     environment_info,
     eval_sets,
@@ -226,6 +227,8 @@ def run_finetune(
         seed=seed,
         probe_dir=probe_dir,
     )
+    # Which runs share an initialisation (model soups average only those): the start's hash.
+    init_sha256 = state_dict_sha256(model.state_dict())
     hparams = {key: float(value) for key, value in (hparams or {}).items()}
     options = {**(method_options or {}), **hparams}
     teacher = None
@@ -352,6 +355,7 @@ def run_finetune(
         metrics = _metrics(
             result, method=method, lr=lr, hparams=hparams, seed=seed, recorded=recorded
         )
+        metrics[provenance.INIT_SHA256] = init_sha256
         write_json(
             out_dir / "config.json",
             {
@@ -487,6 +491,10 @@ def _metrics(
         "best_epoch": result.best_epoch,
         "diverged": result.diverged,
         "collapse": result.collapse,
-        **{key: value for key, value in best.items() if key.startswith(("id_", "ood_"))},
+        **{
+            key: value
+            for key, value in best.items()
+            if key.startswith(("id_", "ood_", "ece_id_", "ece_ood_"))
+        },
         **recorded,
     }

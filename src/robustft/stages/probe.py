@@ -16,6 +16,7 @@ from robustft.data.registry import split_column
 from robustft.features import read_features
 from robustft.io import read_json, write_csv, write_json
 from robustft.probe.solver import ProbeResult, fit_probe
+from robustft.robustness import expected_calibration_error
 
 
 def _accuracy(result: ProbeResult, data: Any) -> float:
@@ -32,6 +33,16 @@ def _accuracy(result: ProbeResult, data: Any) -> float:
         groups = np.asarray(groups, dtype=np.int64)
         return float((groups[predicted] == groups[data.labels]).mean())
     return float((predicted == data.labels).mean())
+
+
+def _ece(result: ProbeResult, data: Any) -> float:
+    """Expected calibration error, scored over the same classes as `_accuracy`."""
+    return expected_calibration_error(
+        logits=result.logits(data.features),
+        labels=data.labels,
+        class_subset=data.attrs.get("class_subset"),
+        class_groups=data.attrs.get("class_groups"),
+    )
 
 
 def run_probe(
@@ -120,6 +131,11 @@ def run_probe(
         for split, data in sets.items()
         if split != "train"
     }
+    calibration = {
+        f"ece_{split_column(split)}": _ece(result, data)
+        for split, data in sets.items()
+        if split != "train"
+    }
     out_dir = Path(out_dir)
     weight, bias = result.raw_scale_head()
     from robustft.models.heads import HEAD_FILE, save_head
@@ -136,6 +152,7 @@ def run_probe(
         "feature_mean": result.mean,
         "feature_std": result.std,
         **accuracies,
+        **calibration,
         **recorded,
     }
     write_json(out_dir / "metrics.json", metrics)

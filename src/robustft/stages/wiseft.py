@@ -11,7 +11,7 @@ import numpy as np
 
 from robustft import provenance
 from robustft.data.registry import split_column
-from robustft.evaluate import accuracy
+from robustft.evaluate import ece_column, score
 from robustft.io import write_csv
 from robustft.models import HEAD_FILE, ImageClassifier, load_backbone
 from robustft.stages.common import eval_sets, eval_transform, load_splits, run_splits, set_head
@@ -118,12 +118,13 @@ def run_wiseft(
             model.load_state_dict(
                 interpolate_state_dicts(theta0=theta0, theta1=theta1, alpha=float(alpha))
             )
-            scores = {
-                name: accuracy(
+            scored = {
+                name: score(
                     model, data, batch_size=batch_size, device=device, num_workers=num_workers
                 )
                 for name, data in evaluated.items()
             }
+            scores = {name: value.accuracy for name, value in scored.items()}
             ood = [scores[split_column(split)] for split in ood_splits]
             rows.append(
                 {
@@ -133,6 +134,7 @@ def run_wiseft(
                     "alpha": float(alpha),
                     **scores,
                     "ood": float(np.mean(ood)) if ood else float("nan"),
+                    **{ece_column(name): value.ece for name, value in scored.items()},
                 }
             )
             log.info("%s α=%.2f: %s", method, alpha, {k: round(v, 4) for k, v in scores.items()})

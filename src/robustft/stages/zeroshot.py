@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from robustft.data.registry import split_column
-from robustft.evaluate import accuracy
+from robustft.evaluate import ece_column, score
 from robustft.io import write_json
 from robustft.models import HEAD_FILE, ImageClassifier, load_backbone, save_head
 from robustft.stages.common import (
@@ -64,8 +64,9 @@ def run_zeroshot(
     model = ImageClassifier(backbone=backbone, num_classes=len(class_names), preprocess=preprocess)
     set_head(model, weight, bias)
     transform = eval_transform(data_options)
-    metrics: dict[str, Any] = {
-        split_column(split): accuracy(
+    metrics: dict[str, Any] = {}
+    for split, arrays in splits.items():
+        scores = score(
             model,
             split_dataset(
                 split,
@@ -78,8 +79,8 @@ def run_zeroshot(
             batch_size=batch_size,
             device=device,
         )
-        for split, arrays in splits.items()
-    }
+        metrics[split_column(split)] = scores.accuracy
+        metrics[ece_column(split_column(split))] = scores.ece
     out_dir = Path(out_dir)
     save_head(out_dir / HEAD_FILE, weight=weight, bias=bias)
     name, tag = text_tower_name(backbone_name)
