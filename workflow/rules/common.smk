@@ -46,6 +46,19 @@ except ConfigError as error:
     sys.exit(f"robustft: {error}")
 
 
+# Tracking never fails a job (robustft.tracking); say once, before any job, when it cannot log.
+_TRACKER = config["tracking"]["backend"]
+if _TRACKER != "none":
+    from importlib.util import find_spec
+
+    if find_spec(_TRACKER) is None:
+        print(
+            f"robustft: warning: tracking.backend is {_TRACKER}, which is not installed "
+            f"(pip install 'robustft[{_TRACKER}]'): runs will not be logged",
+            file=sys.stderr,
+        )
+
+
 try:
     # Per-dataset settings (registry defaults under `dataset_settings`), resolved once.
     DATASET_OPTIONS = {

@@ -4,6 +4,7 @@ from robustft.config import parse_hparam_folder
 from robustft.provenance import read_data_fingerprint
 from robustft.runtime import job, resolve_device
 from robustft.stages import run_finetune
+from robustft.tracking import TrackingSettings
 
 with job(log_path=snakemake.log[0], threads=snakemake.threads):
     probe_head = snakemake.input.get("probe_head")
@@ -29,5 +30,7 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         preprocess_overrides=snakemake.params.preprocess,
         backbone_kwargs=snakemake.params.backbone_kwargs,
         data_fingerprint=read_data_fingerprint(snakemake.input.get("data_manifest")),
+        # Read here, not a param: where a run is logged must not rerun finished runs.
+        tracking=TrackingSettings.from_config(snakemake.config.get("tracking")),
         **snakemake.params.settings,
     )

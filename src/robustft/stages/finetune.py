@@ -41,6 +41,7 @@ from robustft.stages.common import (
     run_splits,
     set_head,
 )
+from robustft.tracking import TrackingSettings, finetune_run, log_run
 from robustft.training import (
     Checkpointing,
     TrainResult,
@@ -132,6 +133,7 @@ def run_finetune(
     preprocess_overrides: Mapping[str, Any] | None = None,
     backbone_kwargs: Mapping[str, float] | None = None,
     data_fingerprint: str | None = None,
+    tracking: TrackingSettings | None = None,
 ) -> dict[str, Any]:
     """Fine-tune with one method of the method table (`robustft.methods`), all through the
     one training loop: the entry's start (a new head or the probe's), its teacher (the
@@ -158,6 +160,9 @@ def run_finetune(
     `data_fingerprint` (the data manifest's): recorded in config.json and metrics.json with
     the backbone's weights_sha256 and the probe head's SHA-256; a probe head (a method's start
     or its teacher's head) must record the same weights and data (`check_probe_head`).
+
+    `tracking`: also log the run (config, history, metrics) to W&B or MLflow once its files
+    are written (`robustft.tracking`; a tracker that fails only warns).
     """
     backbone, preprocess, backbone_meta = load_backbone(  # first: fail at once
         model_dir, preprocess=preprocess_overrides, backbone_kwargs=backbone_kwargs
@@ -311,6 +316,19 @@ def run_finetune(
         raise_if_stop_requested(checkpointing, when="while the outputs were written")
     if checkpointing is not None:
         checkpointing.discard()
+    if tracking is not None:
+        run = finetune_run(
+            dataset=dataset,
+            backbone=Path(model_dir).name,
+            method=method,
+            run=metrics["run"],
+            hparams=metrics["hparams"],
+            seed=seed,
+            config=described,
+            history=result.history,
+            metrics=metrics,
+        )
+        log_run(run, settings=tracking)
     return metrics
 
 
