@@ -5,6 +5,7 @@ localrules:
     select_run,
     aggregate_tables,
     summary_table,
+    tidy_runs,
     plot_id_vs_ood,
 
 
@@ -49,6 +50,23 @@ rule summary_table:
         "../../envs/analysis.yaml"
     script:
         "../scripts/summary_table.py"
+
+
+# One row per run × epoch × split (docs/tidy-table.md).
+rule tidy_runs:
+    input:
+        get_tidy_files,
+    output:
+        parquet="results/tables/runs.parquet",
+        csv="results/tables/runs.csv",
+    log:
+        f"{LOGS}/tidy_runs.log",
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        sources=get_tidy_inputs(),
+    script:
+        "../scripts/tidy_runs.py"
 
 
 rule plot_id_vs_ood:
