@@ -73,11 +73,12 @@ rule plot_id_vs_ood:
     input:
         "results/tables/summary.csv",
     output:
-        report(
+        png=report(
             "results/plots/id_vs_ood.png",
             caption="../report/id_vs_ood.rst",
             category="Summary",
         ),
+        svg="results/plots/id_vs_ood.svg",
     log:
         f"{LOGS}/plot_id_vs_ood.log",
     conda:
