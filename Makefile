@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 CORES ?= 2
 BIN := $(VENV)/bin
+# Extras installed: the tests' tools, and both trackers, so that their tests run everywhere.
+EXTRAS ?= dev,wandb,mlflow
 
 .PHONY: install run test lint format dag report clean clean-state
 
@@ -14,7 +16,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
 run: install
