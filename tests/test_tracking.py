@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -49,11 +53,16 @@ def offline(tmp_path, monkeypatch):
 
 
 def mlflow_runs(uri: str, project: str = "robustft"):
+    """The client of a local file store, and the runs of its experiment `project`."""
+    from unittest import mock
+
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(project)
-    return client, client.search_runs([experiment.experiment_id])
+    # MLflow 3 opens its file store only when asked (what log_run does for a file:// URI).
+    with mock.patch.dict(os.environ, {"MLFLOW_ALLOW_FILE_STORE": "true"}):
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(project)
+        return client, client.search_runs([experiment.experiment_id])
 
 
 def test_tracking_is_off_by_default():
@@ -164,3 +173,102 @@ def test_bad_tracking_config_names_the_key():
     config["tracking"] = {"backend": "comet"}
     with pytest.raises(Exception, match=r"tracking\.backend"):
         validate_config(config, load_schema(ROOT / "workflow/schemas/config.schema.yaml"))
+
+
+# --- the workflow, tracked -----------------------------------------------------------------
+
+TINY = ROOT / "configs" / "tiny.yaml"
+# configs/tiny.yaml with one seed and LP, FT (2 lrs), LP-FT (1 lr): 3 fine-tuning runs, 1 probe.
+SMALL = [
+    "methods=[lp,ft,lpft]",
+    "seeds=[0]",
+    "analysis={'effective_robustness': False, 'feature_distortion': False}",
+]
+FT_RUNS = ["ft/lr0.01", "ft/lr0.03", "lpft/lr0.001"]
+
+
+def run_workflow(workdir, *args, env):
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def tracking_config(**settings):
+    return "tracking=" + repr(settings)
+
+
+@pytest.mark.workflow
+def test_tiny_workflow_tracks_every_finetuning_run_and_probe(offline):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    workdir = offline / "work"
+    workdir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    results = workdir / "results/finetune"
+
+    # MLflow, local file store: one tracked run per fine-tuning run, with its history.
+    uri = (offline / "mlruns").as_uri()
+    config = [*SMALL, tracking_config(backend="mlflow", tracking_uri=uri)]
+    run_workflow(workdir, "--cores", "2", "--configfile", str(TINY), "--config", *config, env=env)
+    client, runs = mlflow_runs(uri)
+    by_name = {run.info.run_name: run for run in runs}
+    finetuned = [name for name, run in by_name.items() if run.data.tags["job_type"] == "finetune"]
+    assert sorted(finetuned) == sorted(f"toyshift/toyresnet/{run}/seed0" for run in FT_RUNS)
+    for run in FT_RUNS:
+        logged = by_name[f"toyshift/toyresnet/{run}/seed0"]
+        assert logged.data.tags["job_type"] == "finetune" and logged.info.status == "FINISHED"
+        history = pd.read_csv(
+            results / run.replace("/", "/toyresnet/toyshift/") / "seed0/history.csv"
+        )
+        id_val = client.get_metric_history(logged.info.run_id, "id_val")
+        assert sorted((m.step, m.value) for m in id_val) == list(
+            zip(history["epoch"], history["id_val"], strict=True)
+        )
+    (probe,) = [run for run in runs if run.data.tags["job_type"] == "probe"]
+    assert len(client.get_metric_history(probe.info.run_id, "val_acc")) == 3  # the C grid
+
+    # W&B, offline: the same jobs again, each an offline run with its history.
+    wandb_dir = offline / "wandb-runs"
+    config = [*SMALL, tracking_config(backend="wandb", mode="offline", dir=str(wandb_dir))]
+    run_workflow(
+        workdir,
+        "--cores", "2", "--configfile", str(TINY), "--forcerun", "finetune", "fit_probe",
+        "--config", *config,
+        env=env,
+    )  # fmt: skip
+    from wandb_records import history as wandb_history
+    from wandb_records import run_info
+
+    logs = sorted((wandb_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    infos = {run_info(path)["name"]: path for path in logs}
+    assert len(logs) == len(FT_RUNS) + 1
+    for run in FT_RUNS:
+        path = infos[f"toyshift/toyresnet/{run}/seed0"]
+        history = pd.read_csv(
+            results / run.replace("/", "/toyresnet/toyshift/") / "seed0/history.csv"
+        )
+        rows = wandb_history(path)
+        assert [row["epoch"] for row in rows] == list(history["epoch"])
+        assert [row["id_val"] for row in rows] == pytest.approx(list(history["id_val"]))
+
+    # An MLflow server that cannot be reached: one warning in the job's log, the job succeeds.
+    target = "results/finetune/ft/toyresnet/toyshift/lr0.01/seed0/metrics.json"
+    before = (workdir / target).stat().st_mtime
+    config = [*SMALL, tracking_config(backend="mlflow", tracking_uri="http://127.0.0.1:9")]
+    run_workflow(
+        workdir,
+        target, "--cores", "1", "--configfile", str(TINY), "--forcerun", "finetune",
+        "--config", *config,
+        env=env,
+    )  # fmt: skip
+    assert (workdir / target).stat().st_mtime > before
+    log = (workdir / "results/logs/finetune/ft/toyresnet/toyshift/lr0.01/seed0.log").read_text()
+    warnings = [line for line in log.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "tracking: mlflow at http://127.0.0.1:9" in warnings[0], log
