@@ -8,6 +8,9 @@ PYTHON ?= python3
 VENV ?= .venv
 CORES ?= 2
 BIN := $(VENV)/bin
+# Extras installed: the tests' tools, CLIP's text tower (zero-shot and FLYP tests) and both
+# trackers, so that all their tests run everywhere.
+EXTRAS ?= dev,clip,wandb,mlflow
 
 .PHONY: install run test lint format dag report docs clean clean-state
 
@@ -16,7 +19,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,clip]'
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
 run: install

@@ -88,6 +88,7 @@ def test_adding_one_image_reruns_that_dataset_and_nothing_else(mine_run):
             "feature_distortion": 1,
             "aggregate_tables": 1,
             "summary_table": 1,
+            "tidy_runs": 1,
             "plot_id_vs_ood": 1,
             "all": 1,
         }, output

@@ -47,6 +47,7 @@ PAPER_JOBS = {
     "effective_robustness": 2,
     "feature_distortion": 7,
     "summary_table": 1,
+    "tidy_runs": 1,
     "plot_id_vs_ood": 1,
     "all": 1,
 }
@@ -82,6 +83,7 @@ def test_paper_dry_run_of_one_dataset_plans_only_that_setting(tmp_path):
         "effective_robustness": 1,
         "feature_distortion": 1,
         "summary_table": 1,
+        "tidy_runs": 1,
         "plot_id_vs_ood": 1,
         "all": 1,
     }

@@ -292,6 +292,7 @@ def test_changing_a_finetuning_key_reruns_only_finetuning_and_what_follows(tiny_
         "store_predictions",
         "aggregate_tables",
         "summary_table",
+        "tidy_runs",
         "plot_id_vs_ood",
         "effective_robustness",
         "feature_distortion",
@@ -323,3 +324,54 @@ def test_same_seed_gives_an_identical_summary_table(tiny_run, tmp_path):
 def test_workflow_is_lint_clean(tmp_path):
     result = snakemake("--lint", "--configfile", str(TINY), cwd=ROOT, check=False)
     assert "Lints for" not in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_runs_table_has_a_row_per_run_epoch_and_split(tiny_run):
+    runs = pd.read_parquet(tiny_run / "results/tables/runs.parquet")
+    key = ["dataset", "backbone", "method", "hparam", "seed", "epoch", "split"]
+    assert not runs.duplicated(subset=key).any()
+    splits = {"id_val", "id_test", "ood_real", "ood_clipart", "ood_painting"}
+    finetuned = runs[runs["method"].isin(FINETUNED)]
+    # ft: 2 lrs, lpft: 1, l2sp: 2 α, l1sp, kd, lora: 1 each; × 2 seeds × epochs 0-2 × 5 splits
+    assert len(finetuned) == (2 + 1 + 2 + 1 + 1 + 1) * 2 * 3 * len(splits)
+    for _, rows in finetuned.groupby(["method", "run", "seed", "epoch"]):
+        assert set(rows["split"]) == splits
+    lr = runs[(runs["method"] == "l2sp") & (runs["run"] == "lr0.01-alpha0.1")]
+    assert set(lr["lr"]) == {0.01} and set(lr["alpha"]) == {0.1}
+    # ER wherever the dataset has a baseline line: every OOD row, no ID row.
+    assert runs.loc[runs["distribution"] == "ood", "er_pts"].notna().all()
+    assert runs.loc[runs["distribution"] == "id", "er_pts"].isna().all()
+    assert pd.read_csv(tiny_run / "results/tables/runs.csv").shape == runs.shape
+
+
+def test_selected_rows_of_the_runs_table_reproduce_the_summary(tiny_run):
+    runs = pd.read_parquet(tiny_run / "results/tables/runs.parquet")
+    summary = pd.read_csv(tiny_run / "results/tables/summary.csv")
+    selected = runs[runs["selected"]]
+    per_seed = selected.pivot_table(
+        index=["dataset", "backbone", "method", "seed"], columns="split", values="accuracy"
+    )
+    ood_columns = [c for c in per_seed.columns if c.startswith("ood_")]
+    per_seed["id"] = per_seed["id_test"]
+    per_seed["ood"] = per_seed[ood_columns].mean(axis=1)
+    rebuilt = per_seed.groupby(["dataset", "backbone", "method"]).agg(["mean", "count"])
+    assert len(rebuilt) == len(summary)
+    for row in summary.to_dict("records"):
+        key = (row["dataset"], row["backbone"], row["method"])
+        assert rebuilt.loc[key, ("id", "count")] == row["seeds"], key
+        for column in ("id_val", "id", "ood", *ood_columns):
+            assert rebuilt.loc[key, (column, "mean")] == pytest.approx(row[column], abs=1e-6), (
+                key,
+                column,
+            )
+    # Every selected row is of the run select_run chose, at the epoch metrics.json reports.
+    for method in FINETUNED:
+        choice = json.loads(
+            (tiny_run / f"results/selected/{method}/toyresnet/toyshift.json").read_text()
+        )
+        rows = selected[selected["method"] == method]
+        assert set(rows["run"]) == {choice["run"]}
+        best = {run["seed"]: run["best_epoch"] for run in choice["runs"]}
+        assert {(s, e) for s, e in zip(rows["seed"], rows["epoch"], strict=True)} == set(
+            best.items()
+        )

@@ -17,6 +17,7 @@ import pandas as pd
 
 from robustft.io import atomic_path, read_json, write_json
 from robustft.provenance import DATA_FINGERPRINT, check_same
+from robustft.report import method_style
 from robustft.robustness import BaselineLine, effective_robustness, fit_baseline
 
 MEAN = "mean"  # the line and ER of the mean over OOD splits
@@ -194,7 +195,8 @@ def _training_curves(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
     curves = {}
     for (method, backbone), group in runs.groupby(["method", "backbone"], sort=False):
         label = method if runs["backbone"].nunique() == 1 else f"{method} ({backbone})"
-        curves[label] = group.groupby("epoch")[["id", "ood", "er_pts"]].mean().reset_index()
+        curve = group.groupby("epoch")[["id", "ood", "er_pts"]].mean().reset_index()
+        curves[label] = curve.assign(method=method)
     return curves
 
 
@@ -219,9 +221,10 @@ def plot_er_along_training(table: pd.DataFrame, *, out_path: str | Path) -> None
     for axis in (by_epoch, by_id):
         axis.axhline(0, color="0.5", linewidth=0.8, linestyle="--", label="baseline line (ER = 0)")
     for label, curve in _training_curves(table).items():
-        by_epoch.plot(curve["epoch"], curve["er_pts"], marker="o", markersize=3, label=label)
+        style = method_style(curve["method"].iloc[0])
+        by_epoch.plot(curve["epoch"], curve["er_pts"], markersize=4, label=label, **style)
         (drawn,) = by_id.plot(
-            100 * curve["id"], curve["er_pts"], marker="o", markersize=3, label=label
+            100 * curve["id"], curve["er_pts"], markersize=4, label=label, **style
         )
         for index in (0, len(curve) - 1):
             by_id.annotate(
@@ -233,17 +236,12 @@ def plot_er_along_training(table: pd.DataFrame, *, out_path: str | Path) -> None
                 color=drawn.get_color(),
             )
     if not probes.empty:
+        lp = method_style("lp")
         by_epoch.axhline(
-            probes["er_pts"].mean(), color="black", linewidth=0.8, linestyle=":", label="lp"
+            probes["er_pts"].mean(), color=lp["color"], linewidth=0.8, linestyle=":", label="lp"
         )
         by_id.scatter(
-            100 * probes["id"].mean(),
-            probes["er_pts"].mean(),
-            marker="*",
-            s=120,
-            color="black",
-            label="lp",
-            zorder=3,
+            100 * probes["id"].mean(), probes["er_pts"].mean(), s=60, label="lp", zorder=3, **lp
         )
     by_epoch.set_xlabel("epoch (0 = before fine-tuning)")
     by_id.set_xlabel("ID test accuracy (%)")
@@ -276,9 +274,9 @@ def plot_logit_id_vs_ood(
         ax.scatter(
             baseline["id"].clip(*clip),
             baseline["ood"].clip(*clip),
-            color="0.45",
             s=18,
             label="baseline models (ID data only)",
+            **{**method_style("baseline"), "marker": "o"},
         )
     low = min(table["id"].min(), 0.1)
     high = max(table["id"].max(), 0.9)
@@ -292,19 +290,19 @@ def plot_logit_id_vs_ood(
             label=f"fit: logit(OOD) = {line.slope:.2f}·logit(ID) {line.intercept:+.2f}",
         )
     for label, curve in _training_curves(table).items():
+        style = method_style(curve["method"].iloc[0])
         ax.plot(
-            curve["id"].clip(*clip), curve["ood"].clip(*clip), marker="o", markersize=3, label=label
+            curve["id"].clip(*clip), curve["ood"].clip(*clip), markersize=4, label=label, **style
         )
     probes = table[table["method"] == "lp"]
     if not probes.empty:
         ax.scatter(
             probes["id"].mean(),
             probes["ood"].mean(),
-            marker="*",
-            s=120,
-            color="black",
+            s=60,
             label="lp",
             zorder=3,
+            **method_style("lp"),
         )
     percent = FuncFormatter(lambda value, _: f"{100 * value:g}%")
     for axis in (ax.xaxis, ax.yaxis):
@@ -355,7 +353,13 @@ def write_distortion(
     ):
         for index, method in enumerate(methods):
             values = [means.loc[(method, split), column] for split in splits]
-            axis.bar(np.arange(len(splits)) + index * width, values, width, label=method)
+            axis.bar(
+                np.arange(len(splits)) + index * width,
+                values,
+                width,
+                label=method,
+                color=method_style(method)["color"],
+            )
         axis.set_xticks(
             np.arange(len(splits)) + width * (len(methods) - 1) / 2,
             splits,

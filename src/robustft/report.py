@@ -1,8 +1,10 @@
-"""Summary tables (CSV and Markdown) and the ID-vs-OOD plot."""
+"""Summary tables (CSV and Markdown), the ID-vs-OOD plot, and the one style per method that
+every plot uses."""
 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,48 @@ import pandas as pd
 from robustft.io import atomic_path, read_json
 
 Z_90 = 1.645  # two-sided 90% normal interval, as in Kumar et al. 2022
+
+# One colour and marker per method, the same in every plot and so in the report. Colours of the
+# Okabe-Ito palette (told apart with colour-blindness too) and tab10; markers differ as well,
+# so that a grey print still tells methods apart.
+METHOD_STYLES: dict[str, dict[str, str]] = {
+    "lp": {"color": "#0072B2", "marker": "s"},
+    "ft": {"color": "#D55E00", "marker": "o"},
+    "lpft": {"color": "#009E73", "marker": "D"},
+    "wiseft": {"color": "#CC79A7", "marker": "P"},
+    "l2sp": {"color": "#E69F00", "marker": "^"},
+    "l1sp": {"color": "#56B4E9", "marker": "v"},
+    "kd": {"color": "#8C564B", "marker": "<"},
+    "lora": {"color": "#9467BD", "marker": ">"},
+    "zeroshot": {"color": "#000000", "marker": "*"},
+    "baseline": {"color": "#7F7F7F", "marker": "."},
+    # Model soups, freeze-embed, surgical, layer-wise lr decay, FLYP: fixed when they arrive.
+    "soup_uniform": {"color": "#E7298A", "marker": "X"},
+    "soup_greedy": {"color": "#66A61E", "marker": "h"},
+    "freeze_embed": {"color": "#A6761D", "marker": "p"},
+    "surgical": {"color": "#17BECF", "marker": "d"},
+    "llrd": {"color": "#BCBD22", "marker": "H"},
+    "flyp": {"color": "#393B79", "marker": "8"},
+}
+# Methods not listed above (a user's own) get one of these, chosen from their name, so that
+# they too look the same in every plot and every run.
+_MORE_COLORS = ("#D62728", "#2CA02C", "#FF9896", "#98DF8A", "#C49C94", "#F7B6D2", "#C5B0D5")
+_MORE_MARKERS = ("o", "s", "^", "v", "D", "P", "X")
+
+
+def method_style(method: str) -> dict[str, str]:
+    """{"color": ..., "marker": ...} of a method, for every plot of it."""
+    if method in METHOD_STYLES:
+        return dict(METHOD_STYLES[method])
+    for kind in ("soup_uniform", "soup_greedy"):  # ft_soup_greedy: the soup's marker, the
+        base = method.removesuffix(f"_{kind}")  # souped method's colour
+        if base != method:
+            return {"color": method_style(base)["color"], "marker": METHOD_STYLES[kind]["marker"]}
+    code = zlib.crc32(method.encode("utf-8"))
+    return {
+        "color": _MORE_COLORS[code % len(_MORE_COLORS)],
+        "marker": _MORE_MARKERS[(code // len(_MORE_COLORS)) % len(_MORE_MARKERS)],
+    }
 
 
 def interval90(values: Sequence[float]) -> float:
@@ -214,10 +258,22 @@ def plot_wiseft(*, curve_files: Sequence[str | Path], out_path: str | Path) -> N
     curves = pd.concat(frames, ignore_index=True)
     mean = curves.groupby(["backbone", "method", "alpha"], sort=True)[["id_test", "ood"]].mean()
     fig, ax = plt.subplots(figsize=(5, 4))
+    backbones = list(dict.fromkeys(mean.index.get_level_values(0)))
+    marked: set[str] = set()
     for (backbone, method), rows in mean.groupby(level=[0, 1]):
         x, y = 100 * rows["id_test"].to_numpy(), 100 * rows["ood"].to_numpy()
-        ax.plot(x, y, "o-", markersize=3, label=f"{method} · {backbone}")
-        ax.annotate("α=0", (x[0], y[0]), textcoords="offset points", xytext=(4, -10))
+        style = method_style(method)
+        ax.plot(
+            x,
+            y,
+            linestyle=("-", "--", ":", "-.")[backbones.index(backbone) % 4],
+            markersize=4,
+            label=f"{method} · {backbone}",
+            **style,
+        )
+        if backbone not in marked:  # θ₀ is the same for every method: mark it once
+            marked.add(backbone)
+            ax.annotate("α=0", (x[0], y[0]), textcoords="offset points", xytext=(4, -10))
         ax.annotate("α=1", (x[-1], y[-1]), textcoords="offset points", xytext=(4, 4))
     ax.set_xlabel("ID test accuracy (%)")
     ax.set_ylabel("OOD accuracy, mean of splits (%)")
@@ -319,41 +375,141 @@ def write_tables(table: pd.DataFrame, *, csv_path: str | Path, md_path: str | Pa
         tmp.write_text(to_markdown(table), encoding="utf-8")
 
 
-def plot_id_vs_ood(table: pd.DataFrame, *, out_path: str | Path) -> None:
-    """ID accuracy (x) against mean OOD accuracy (y), one point per method with 90% bars;
-    one panel per dataset and backbone."""
+# Mark the point labels of the ID-vs-OOD plot and their lines to the points.
+LABEL_GID, LABEL_LINE_GID = "method-label", "method-label-line"
+
+
+def id_vs_ood_figure(table: pd.DataFrame) -> Any:
+    """ID accuracy (x) against mean OOD accuracy (y), one point per method with 90% bars, in
+    the method's colour and marker; one panel per dataset and backbone. Labels are moved
+    apart (adjustText) so that none overlaps another, joined to their point by a thin line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = list(table.groupby(["dataset", "backbone"], sort=True))
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.8 * len(groups), 4.2), squeeze=False)
     for ax, ((dataset, backbone), rows) in zip(axes[0], groups, strict=True):
-        for _, row in rows.dropna(subset=["id", "ood"]).iterrows():
+        points = rows.dropna(subset=["id", "ood"])
+        for _, row in points.iterrows():
+            style = method_style(row["method"])
             ax.errorbar(
                 100 * row["id"],
                 100 * row["ood"],
                 xerr=100 * row["id_ci90"],
                 yerr=100 * row["ood_ci90"],
-                fmt="s" if "_soup_" in str(row["method"]) else "o",  # soups: squares
+                fmt=style["marker"],
+                color=style["color"],
+                markersize=7,
                 capsize=3,
                 label=row["method"],
-            )
-            ax.annotate(
-                row["method"],
-                (100 * row["id"], 100 * row["ood"]),
-                textcoords="offset points",
-                xytext=(5, 5),
             )
         ax.set_xlabel("ID test accuracy (%)")
         ax.set_ylabel("OOD accuracy, mean of splits (%)")
         ax.set_title(f"{dataset} · {backbone}")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(out_path) as tmp:
+        ax.margins(0.12)  # room for the labels inside the axes
+    panels = [
+        (ax, rows.dropna(subset=["id", "ood"]))
+        for ax, (_, rows) in zip(axes[0], groups, strict=True)
+    ]
+    # Placing labels works in display coordinates, so after the layout. A legend beside a
+    # panel too crowded for labels changes the layout: then every label is placed again.
+    crowded: list[Any] = []
+    while True:
+        fig.tight_layout()
+        newly = [ax for ax, points in panels if ax not in crowded and not _label_points(ax, points)]
+        if not newly:
+            return fig
+        crowded += newly
+        for ax, _ in panels:
+            _remove_labels(ax)
+        for ax in newly:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+
+
+def _error_bar_points(points: pd.DataFrame, per_bar: int = 9) -> list[tuple[float, float]]:
+    """Points along every error bar (in %), which labels keep away from as from markers."""
+    steps = np.linspace(-1.0, 1.0, per_bar)
+    found = []
+    for row in points.to_dict("records"):
+        x, y = 100 * row["id"], 100 * row["ood"]
+        found += [(x + step * 100 * row["id_ci90"], y) for step in steps]
+        found += [(x, y + step * 100 * row["ood_ci90"]) for step in steps]
+    return found
+
+
+def _label_points(ax: Any, points: pd.DataFrame) -> bool:
+    """Label each point with its method, moved apart by adjustText, away from the points and
+    their error bars (a fixed number of steps, so that the same table gives the same figure on
+    any machine). False, and no label, where points crowd so that labels would still overlap:
+    then a legend names them (colours and markers are the method's own in every plot)."""
+    if points.empty:
+        return True
+    from adjustText import adjust_text
+
+    x, y = list(100 * points["id"]), list(100 * points["ood"])
+    before = set(ax.get_children())
+    texts = [
+        ax.text(px, py, label, fontsize=9, color=method_style(label)["color"], gid=LABEL_GID)
+        for px, py, label in zip(x, y, points["method"], strict=True)
+    ]
+    avoid = _error_bar_points(points)
+    adjust_text(
+        texts,
+        x=[*x, *(point[0] for point in avoid)],
+        y=[*y, *(point[1] for point in avoid)],
+        ax=ax,
+        iter_lim=300,
+        expand=(1.2, 1.4),
+        force_static=(0.3, 0.5),
+        arrowprops={"arrowstyle": "-", "color": "0.4", "linewidth": 0.6},
+    )
+    for artist in set(ax.get_children()) - before - set(texts):  # the lines to the points
+        artist.set_gid(LABEL_LINE_GID)
+    if labels_overlap(texts):
+        _remove_labels(ax)
+        return False
+    return True
+
+
+def _remove_labels(ax: Any) -> None:
+    for artist in list(ax.get_children()):
+        if artist.get_gid() in (LABEL_GID, LABEL_LINE_GID):
+            artist.remove()
+
+
+def labels_overlap(texts: Sequence[Any]) -> bool:
+    """Whether any two of the drawn texts' boxes overlap."""
+    if not texts:
+        return False
+    renderer = texts[0].figure.canvas.get_renderer()
+    boxes = [text.get_window_extent(renderer) for text in texts]
+    return any(
+        first.overlaps(second) for index, first in enumerate(boxes) for second in boxes[index + 1 :]
+    )
+
+
+def save_figure(fig: Any, *, png: str | Path, svg: str | Path | None = None) -> None:
+    """Write the figure as PNG (and SVG), each atomically; an SVG carries no date and no random
+    id, so the same figure gives the same file."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
+    if svg is not None:
+        # A fixed salt for the SVG's element ids, which are random otherwise.
+        with atomic_path(svg) as tmp, plt.rc_context({"svg.hashsalt": "robustft"}):
+            fig.savefig(tmp, format="svg", metadata={"Date": None})
     plt.close(fig)
+
+
+def plot_id_vs_ood(
+    table: pd.DataFrame, *, out_path: str | Path, svg_path: str | Path | None = None
+) -> None:
+    """`id_vs_ood_figure` as PNG (`out_path`) and, with `svg_path`, SVG."""
+    save_figure(id_vs_ood_figure(table), png=out_path, svg=svg_path)
 
 
 def aggregate_dataset(

@@ -47,6 +47,19 @@ except ConfigError as error:
     sys.exit(f"robustft: {error}")
 
 
+# Tracking never fails a job (robustft.tracking); say once, before any job, when it cannot log.
+_TRACKER = config["tracking"]["backend"]
+if _TRACKER != "none":
+    from importlib.util import find_spec
+
+    if find_spec(_TRACKER) is None:
+        print(
+            f"robustft: warning: tracking.backend is {_TRACKER}, which is not installed "
+            f"(pip install 'robustft[{_TRACKER}]'): runs will not be logged",
+            file=sys.stderr,
+        )
+
+
 try:
     # Per-dataset settings (registry defaults under `dataset_settings`), resolved once.
     DATASET_OPTIONS = {
@@ -742,6 +755,65 @@ def get_shorter_side(wildcards):
     return config["prepared_cache"]["shorter_side"]
 
 
+# --- the tidy table of every run (rule tidy_runs) ----------------------------------------
+
+
+def get_tidy_inputs():
+    """{dataset: the files of its rows} for robustft.tidy.runs_table: every run of every
+    sweep with its selection, the probes, WiSE-FT curves, zero-shot heads, the ER lines.
+    """
+    from types import SimpleNamespace
+
+    inputs = {}
+    for dataset in config["datasets"]:
+        table = get_table_inputs(SimpleNamespace(dataset=dataset))
+        by_kind = {"lp": {}, "wiseft": {}, "zeroshot": {}, "finetune": {}, "soups": {}}
+        for key, files in table.items():
+            method, backbone = key.split("/", 1)
+            if isinstance(files, dict) and "soups" in files:
+                by_kind["soups"][key] = files
+            elif method in FINETUNE_METHODS:
+                where = SimpleNamespace(
+                    method=method, backbone=backbone, dataset=dataset
+                )
+                by_kind["finetune"][key] = {
+                    "selection": files,
+                    "metrics": get_run_metrics(where),
+                }
+            elif method in by_kind:
+                by_kind[method][backbone] = files
+        er = config["analysis"]["effective_robustness"] and has_effective_robustness(
+            dataset
+        )
+        inputs[dataset] = {
+            "ood_splits": get_ood_splits(dataset),
+            "probes": by_kind["lp"],
+            "finetune": by_kind["finetune"],
+            "wiseft": by_kind["wiseft"],
+            "zeroshot": by_kind["zeroshot"],
+            "soups": by_kind["soups"],
+            "er_line": f"results/analysis/er/{dataset}_line.json" if er else None,
+        }
+    return inputs
+
+
+def get_tidy_files(wildcards):
+    files = []
+    for sources in get_tidy_inputs().values():
+        for probe_files in sources["probes"].values():
+            files += probe_files
+        for sweep in sources["finetune"].values():
+            files.append(sweep["selection"])
+            for metrics in sweep["metrics"]:
+                files += [metrics, str(Path(metrics).parent / "history.csv")]
+        for wiseft in sources["wiseft"].values():
+            files += wiseft["curves"]
+        files += list(sources["zeroshot"].values())
+        files += sorted({soup["soups"] for soup in sources["soups"].values()})
+        files += [sources["er_line"]] if sources["er_line"] else []
+    return files
+
+
 # --- expected sizes: which checks mark a table's splits (allow_subset) ---------------------
 
 
@@ -772,6 +844,7 @@ def get_final_outputs():
         *expand("results/tables/{dataset}.md", dataset=config["datasets"]),
         "results/tables/summary.md",
         "results/tables/summary.csv",
+        "results/tables/runs.parquet",
         "results/plots/id_vs_ood.png",
     ]
     if "wiseft" in config["methods"]:

@@ -5,6 +5,7 @@ localrules:
     select_run,
     aggregate_tables,
     summary_table,
+    tidy_runs,
     plot_id_vs_ood,
 
 
@@ -51,15 +52,33 @@ rule summary_table:
         "../scripts/summary_table.py"
 
 
+# One row per run × epoch × split (docs/tidy-table.md).
+rule tidy_runs:
+    input:
+        get_tidy_files,
+    output:
+        parquet="results/tables/runs.parquet",
+        csv="results/tables/runs.csv",
+    log:
+        f"{LOGS}/tidy_runs.log",
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        sources=get_tidy_inputs(),
+    script:
+        "../scripts/tidy_runs.py"
+
+
 rule plot_id_vs_ood:
     input:
         "results/tables/summary.csv",
     output:
-        report(
+        png=report(
             "results/plots/id_vs_ood.png",
             caption="../report/id_vs_ood.rst",
             category="Summary",
         ),
+        svg="results/plots/id_vs_ood.svg",
     log:
         f"{LOGS}/plot_id_vs_ood.log",
     conda:

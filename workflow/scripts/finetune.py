@@ -5,6 +5,7 @@ from robustft.distributed import resolve_processes
 from robustft.provenance import read_data_fingerprint
 from robustft.runtime import job, resolve_device
 from robustft.stages import run_finetune
+from robustft.tracking import TrackingSettings
 
 with job(log_path=snakemake.log[0], threads=snakemake.threads):
     probe_head = snakemake.input.get("probe_head")
@@ -37,5 +38,7 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         data_fingerprint=read_data_fingerprint(snakemake.input.get("data_manifest")),
         text_cache=snakemake.params.text_cache,  # read only by a method that trains a text tower
         prepared=snakemake.params.prepared,
+        # Read here, not a param: where a run is logged must not rerun finished runs.
+        tracking=TrackingSettings.from_config(snakemake.config.get("tracking")),
         **snakemake.params.settings,
     )

@@ -2,6 +2,7 @@ from pathlib import Path
 
 from robustft.runtime import job, resolve_device
 from robustft.stages import run_probe
+from robustft.tracking import TrackingSettings
 
 with job(log_path=snakemake.log[0], threads=snakemake.threads):
     run_probe(
@@ -14,4 +15,8 @@ with job(log_path=snakemake.log[0], threads=snakemake.threads):
         device=resolve_device(snakemake.params.device),
         backbone_meta=snakemake.input.meta,
         backbone_name=snakemake.wildcards.backbone,
+        # Read here, not a param: where a probe is logged must not rerun finished probes.
+        tracking=TrackingSettings.from_config(snakemake.config.get("tracking")),
+        dataset=snakemake.wildcards.dataset,
+        seed=int(snakemake.wildcards.seed),
     )

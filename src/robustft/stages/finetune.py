@@ -43,6 +43,7 @@ from robustft.stages.common import (
     set_head,
     split_dataset,
 )
+from robustft.tracking import TrackingSettings, finetune_run, log_run
 from robustft.training import (
     Checkpointing,
     TrainResult,
@@ -157,6 +158,7 @@ def run_finetune(
     sync_batchnorm: bool = True,
     text_cache: str | Path | None = None,
     prepared: Mapping[str, str | Path] | None = None,
+    tracking: TrackingSettings | None = None,
 ) -> dict[str, Any]:
     """Fine-tune with one method of the method table (`robustft.methods`), all through the
     one training loop: the entry's start (a new head or the probe's), its teacher (the
@@ -191,6 +193,8 @@ def run_finetune(
     that needs one (FLYP); the backbone is named by `model_dir`'s folder.
     `prepared`: {split: prepared-image cache file} (train under the train transform, the
     others under the eval transform); splits it names are read from there.
+    `tracking`: also log the run (config, history, metrics) to W&B or MLflow once its files
+    are written (`robustft.tracking`; a tracker that fails only warns).
     """
     backbone, preprocess, backbone_meta = load_backbone(  # first: fail at once
         model_dir, preprocess=preprocess_overrides, backbone_kwargs=backbone_kwargs
@@ -375,6 +379,19 @@ def run_finetune(
         raise_if_stop_requested(checkpointing, when="while the outputs were written")
     if checkpointing is not None:
         checkpointing.discard()
+    if tracking is not None:
+        run = finetune_run(
+            dataset=dataset,
+            backbone=Path(model_dir).name,
+            method=method,
+            run=metrics["run"],
+            hparams=metrics["hparams"],
+            seed=seed,
+            config=described,
+            history=result.history,
+            metrics=metrics,
+        )
+        log_run(run, settings=tracking)
     return metrics
 
 

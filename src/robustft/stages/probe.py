@@ -17,6 +17,7 @@ from robustft.features import read_features
 from robustft.io import read_json, write_csv, write_json
 from robustft.probe.solver import ProbeResult, fit_probe
 from robustft.robustness import expected_calibration_error
+from robustft.tracking import TrackingSettings, log_run, probe_run
 
 
 def _accuracy(result: ProbeResult, data: Any) -> float:
@@ -56,13 +57,19 @@ def run_probe(
     device: str = "cpu",
     backbone_meta: str | Path | None = None,
     backbone_name: str | None = None,
+    tracking: TrackingSettings | None = None,
+    dataset: str = "",
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Fit the probe on `train`, choose C on `val`, report accuracy on every split.
 
     `solver` and `device` as in `fit_probe`. Every split's features must share one backbone,
     weights and data fingerprint; with `backbone_meta` (the backbone's meta.json) they must
     be of those weights, and of `backbone_name` when given. The head's safetensors metadata
-    and metrics.json record the features' `backbone`, `weights_sha256`, `data_fingerprint`."""
+    and metrics.json record the features' `backbone`, `weights_sha256`, `data_fingerprint`.
+
+    `tracking`: also log the C sweep and the metrics to W&B or MLflow, as the probe of
+    `dataset` and `seed` (`robustft.tracking`; a tracker that fails only warns)."""
     missing = [split for split in ("train", "val") if split not in feature_files]
     if missing:
         raise ValueError(f"probe needs feature files for splits {missing}")
@@ -156,4 +163,14 @@ def run_probe(
         **recorded,
     }
     write_json(out_dir / "metrics.json", metrics)
+    if tracking is not None:
+        run = probe_run(
+            dataset=dataset,
+            backbone=backbone_name or str(recorded[provenance.BACKBONE]),
+            seed=seed,
+            config={"c_grid": list(c_grid), "max_iter": max_iter, "solver": solver},
+            sweep=result.sweep,
+            metrics=metrics,
+        )
+        log_run(run, settings=tracking)
     return metrics
