@@ -30,21 +30,24 @@ PAPER_JOBS = {
     # (BREEDS 4 + 1 each, DomainNet 6 + 1, FMoW 5, ImageNet 7 + 1).
     "prepare_images": 2 * 5 + 7 + 5 + 8,
     "fit_probe": 7 * 3,
-    # 7 settings × (FT 6 lrs + LP-FT 6 + L2-SP, L1-SP, KD 2 lrs × 3 values + LoRA 3 lrs × 2
-    # ranks) × 3 seeds
-    "finetune": 7 * (6 + 6 + 3 * 6 + 6) * 3,
-    "select_run": 7 * 6,
-    "store_predictions": 7 * 6,  # the selected runs' logits, one file per method
+    # 7 settings × (FT, LP-FT, freeze-embed 6 lrs; L2-SP, L1-SP, KD 2 lrs × 3 values; LoRA
+    # 3 lrs × 2 ranks; LLRD 3 lrs × 2 decays; surgical 5 lrs × 4 block groups) × 3 seeds, and
+    # FLYP (5 lrs × 3 seeds) on the two CLIP settings (DomainNet, ImageNet) only.
+    "finetune": 7 * (3 * 6 + 3 * 6 + 6 + 6 + 20) * 3 + 2 * 5 * 3,
+    "select_run": 7 * 9 + 2,
+    "store_predictions": 7 * 9 + 2,  # the selected runs' logits, one file per method
+    "soups": 7 * 2,  # FT's and LP-FT's runs of each setting
     "wiseft": 7 * 3,
     "plot_wiseft": 7,
-    # Zero-shot heads for the two CLIP backbones (DomainNet RN50, ImageNet ViT-B/16).
+    # Text towers of the two CLIP backbones (DomainNet RN50, ImageNet ViT-B/16): zero-shot
+    # heads and FLYP.
     "fetch_text_tower": 2,
     "zeroshot": 2,
     "aggregate_tables": 7,
-    # Effective robustness: baseline models for the in-memory CIFAR settings (6 each); the
-    # other settings need a published line (baseline.lines), so they get no ER table.
+    # Effective robustness: baseline models for the in-memory CIFAR settings (6 each), and
+    # ImageNet's published lines (baseline.lines); the other settings get no ER table.
     "train_baseline": 2 * 6,
-    "effective_robustness": 2,
+    "effective_robustness": 3,
     "feature_distortion": 7,
     "summary_table": 1,
     "tidy_runs": 1,
@@ -73,9 +76,10 @@ def test_paper_dry_run_of_one_dataset_plans_only_that_setting(tmp_path):
         "fetch_backbone": 1,
         "extract_features": 4,
         "fit_probe": 3,
-        "finetune": (6 + 6 + 3 * 6 + 6) * 3,
-        "select_run": 6,
-        "store_predictions": 6,
+        "finetune": (3 * 6 + 3 * 6 + 6 + 6 + 20) * 3,  # no FLYP: not a CLIP backbone
+        "select_run": 9,
+        "store_predictions": 9,
+        "soups": 2,
         "wiseft": 3,
         "plot_wiseft": 1,
         "aggregate_tables": 1,

@@ -856,7 +856,7 @@ def get_final_outputs():
             f"results/predictions/{method}/{backbone}/{dataset}.h5"
             for dataset in config["datasets"]
             for backbone in get_backbones(dataset)
-            for method in FINETUNE_METHODS
+            for method in get_methods(backbone)
         ]
     if config["analysis"]["effective_robustness"]:
         outputs += [
