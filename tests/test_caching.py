@@ -80,6 +80,7 @@ def test_adding_one_image_reruns_that_dataset_and_nothing_else(mine_run):
         jobs = planned_jobs(output)
         assert jobs == {
             "fingerprint_dataset": 1,
+            "prepare_images": 4,  # its prepared-image cache: train, val, test, night
             "extract_features": 4,  # train, val (carved from train), test, night
             "fit_probe": 1,
             "finetune": 1,
