@@ -260,8 +260,11 @@ def test_slurm_run_gives_the_same_table_as_a_local_run(
 ):
     table = pd.read_csv(slurm_run["workdir"] / "results" / "tables" / "summary.csv")
     assert list(table.columns) == list(local_table.columns)
-    methods = yaml.safe_load(TINY.read_text())["methods"]
-    assert len(table) == len(local_table) == len(methods)
+    tiny = yaml.safe_load(TINY.read_text())
+    # One row per method, and a uniform and a greedy soup of each souped method.
+    rows = len(tiny["methods"]) - 1 + 2 * len(tiny["soups"]["methods"])
+    assert "soups" in tiny["methods"]
+    assert len(table) == len(local_table) == rows
     numeric = local_table.select_dtypes("number").columns
     others = [column for column in table.columns if column not in numeric]
     pd.testing.assert_frame_equal(table[others], local_table[others])
