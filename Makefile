@@ -2,12 +2,14 @@
 # make test  — the same install, then the whole test suite (what CI runs)
 # make clean-state ARGS='--configfile configs/paper.yaml' — delete resumable state that no run
 #             of that config owns (stopped runs whose settings changed or left the config)
+# make estimate ARGS='--configfile configs/paper.yaml' — jobs, images, GPU- and CPU-hours of that
+#             config's DAG before it runs (docs/estimate.md)
 PYTHON ?= python3
 VENV ?= .venv
 CORES ?= 2
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint format dag report clean clean-state
+.PHONY: install run test lint format dag report clean clean-state estimate
 
 install: $(VENV)/.installed
 
@@ -44,6 +46,9 @@ dag: install
 
 clean-state: install
 	$(BIN)/snakemake clean_state --cores 1 $(ARGS)
+
+estimate: install
+	$(BIN)/python -m robustft.estimate $(ARGS)
 
 clean:
 	rm -rf results .snakemake
