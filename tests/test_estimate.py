@@ -162,3 +162,18 @@ def test_the_paper_dag_costs_hundreds_of_gpu_hours_mostly_imagenet_finetuning(mo
     # 108 runs × 10 epochs × ImageNet's train split (90% of 1,281,167 images).
     assert imagenet.train_images == 108 * 10 * (1_153_050 // 64 * 64)
     assert imagenet.gpu_hours > 0.5 * total.gpu_hours
+
+
+def test_compare_sums_measured_and_estimated_seconds_per_rule(tmp_path):
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    (tmp_path / "a.tsv").write_text(header + "10.0\t0:00:10\t1\t1\t1\t1\t0\t0\t90\t9\n")
+    (tmp_path / "b.tsv").write_text(header + "30.0\t0:00:30\t1\t1\t1\t1\t0\t0\t90\t29\n")
+    jobs = [
+        PlannedJob(rule="finetune", wildcards={}, params={}, threads=1, gpus=0, benchmark=name)
+        for name in ("a.tsv", "b.tsv", "never_ran.tsv")
+    ]
+    work = estimate.Work(rule="finetune", dataset="toyshift")
+    costs = [estimate.JobCost(work=work, seconds=s, threads=1, gpus=0) for s in (12, 24, 99)]
+    (row,) = estimate.compare_with_benchmarks(jobs=jobs, costs=costs, root=tmp_path)
+    assert (row.rule, row.jobs, row.measured_s, row.estimated_s) == ("finetune", 2, 40.0, 36.0)
+    assert row.ratio == pytest.approx(0.9)
