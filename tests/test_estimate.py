@@ -177,3 +177,4 @@ def test_compare_sums_measured_and_estimated_seconds_per_rule(tmp_path):
     (row,) = estimate.compare_with_benchmarks(jobs=jobs, costs=costs, root=tmp_path)
     assert (row.rule, row.jobs, row.measured_s, row.estimated_s) == ("finetune", 2, 40.0, 36.0)
     assert row.ratio == pytest.approx(0.9)
+    assert row.measured_cpu_s == 38.0 and row.cpu_ratio == pytest.approx(36 / 38)

@@ -785,27 +785,42 @@ def format_table(rows: Sequence[CostRow]) -> str:
 # --- comparing against measured times -----------------------------------------------------
 
 
-def read_benchmark_seconds(path: str | Path) -> float | None:
-    """The wall seconds a Snakemake `benchmark:` file records (mean of its repeats)."""
+def read_benchmark(path: str | Path) -> tuple[float, float] | None:
+    """(wall seconds, CPU seconds) that a Snakemake `benchmark:` file records (means of its
+    repeats), or None if there is none."""
     path = Path(path)
     if not path.is_file():
         return None
     with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
-    values = [float(row["s"]) for row in rows if row.get("s")]
-    return sum(values) / len(values) if values else None
+        rows = [row for row in csv.DictReader(handle, delimiter="\t") if row.get("s")]
+    if not rows:
+        return None
+    wall = sum(float(row["s"]) for row in rows) / len(rows)
+    cpu = sum(float(row.get("cpu_time") or 0) for row in rows) / len(rows)
+    return wall, cpu
 
 
 @dataclass(frozen=True)
 class Comparison:
+    """Per rule, over the jobs with a benchmark file: seconds measured and estimated.
+
+    `measured_cpu_s` is CPU time / the job's threads: what the wall time would have been had
+    the job had its cores to itself (on a shared machine the wall time also counts the
+    waits for a core)."""
+
     rule: str
     jobs: int
     measured_s: float
+    measured_cpu_s: float
     estimated_s: float
 
     @property
     def ratio(self) -> float:
         return self.estimated_s / self.measured_s if self.measured_s else math.inf
+
+    @property
+    def cpu_ratio(self) -> float:
+        return self.estimated_s / self.measured_cpu_s if self.measured_cpu_s else math.inf
 
 
 def compare_with_benchmarks(
@@ -817,16 +832,19 @@ def compare_with_benchmarks(
     for job, cost in zip(jobs, costs, strict=True):
         if not job.benchmark or cost.seconds is None:
             continue
-        measured = read_benchmark_seconds(Path(root) / job.benchmark)
+        measured = read_benchmark(Path(root) / job.benchmark)
         if measured is None:
             continue
-        entry = sums.setdefault(job.rule, [0, 0.0, 0.0])
+        entry = sums.setdefault(job.rule, [0, 0.0, 0.0, 0.0])
         entry[0] += 1
-        entry[1] += measured
-        entry[2] += cost.seconds
+        entry[1] += measured[0]
+        entry[2] += measured[1] / max(1, job.threads)
+        entry[3] += cost.seconds
     return [
-        Comparison(rule=rule, jobs=int(n), measured_s=measured, estimated_s=estimated)
-        for rule, (n, measured, estimated) in sums.items()
+        Comparison(
+            rule=rule, jobs=int(n), measured_s=wall, measured_cpu_s=cpu, estimated_s=estimated
+        )
+        for rule, (n, wall, cpu, estimated) in sums.items()
     ]
 
 
@@ -958,12 +976,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("~ split sizes approximated (no published count recorded; docs/estimate.md)")
     if args.compare:
         print()
-        print("| rule | jobs measured | measured, s | estimated, s | estimated / measured |")
-        print("|---|---:|---:|---:|---:|")
+        print(
+            "| rule | jobs measured | wall, s | CPU / threads, s | estimated, s "
+            "| estimated / wall | estimated / CPU |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for item in compare_with_benchmarks(jobs=jobs, costs=costs):
             print(
-                f"| {item.rule} | {item.jobs} | {item.measured_s:.1f} | {item.estimated_s:.1f} "
-                f"| {item.ratio:.2f} |"
+                f"| {item.rule} | {item.jobs} | {item.measured_s:.1f} | {item.measured_cpu_s:.1f} "
+                f"| {item.estimated_s:.1f} | {item.ratio:.2f} | {item.cpu_ratio:.2f} |"
             )
     return 0
 
