@@ -431,6 +431,7 @@ class Work:
     probe_flop: float = 0.0
     generated_images: int = 0
     decodes_files: bool = False
+    rate_scale: float = 1.0  # the backbone's rates × this (a toy baseline of another width)
     exact: bool = True
     light: bool = False  # pushes no images: start-up only
     not_estimated: bool = False  # downloads
@@ -537,6 +538,11 @@ def job_work(
         train = own["train"].images
         count = min(train, max(batch, round(float(settings["fraction"]) * train)))
         others, exact = _sum_sizes(own, [s for s in eval_splits if s != "val"])
+        # The toy's row is measured at the pretrained toy's width; a convolution's cost grows
+        # with the square of the width.
+        width = settings.get("width")
+        reference = (config.get("toy_backbone") or {}).get("width")
+        scale = (float(reference) / float(width)) ** 2 if width and reference else 1.0
         return Work(
             rule=rule,
             dataset=dataset,
@@ -544,6 +550,7 @@ def job_work(
             train_images=epochs * _steps_images(count, batch),
             eval_images=(epochs + 1) * own["val"].images + others,
             decodes_files=decodes,
+            rate_scale=scale,
             exact=exact and own["train"].exact,
         )
     if rule == "wiseft":
@@ -633,6 +640,7 @@ def job_seconds(
             f"{'cuda' if device == 'gpu' else 'cpu'} (writes {THROUGHPUT_FILE})"
         )
     scale = max(1, threads) / max(1, row.threads) if device == "cpu" else max(1, gpus)
+    scale *= work.rate_scale
     train_rate, eval_rate = row.train_img_s * scale, row.eval_img_s * scale
     if work.decodes_files:
         if num_workers in (None, "auto"):
