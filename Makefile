@@ -4,6 +4,8 @@
 # make docs  — serve the documentation site (docs/, mkdocs.yml) at http://127.0.0.1:8000
 # make clean-state ARGS='--configfile configs/paper.yaml' — delete resumable state that no run
 #             of that config owns (stopped runs whose settings changed or left the config)
+# make estimate ARGS='--configfile configs/paper.yaml' — jobs, images, GPU- and CPU-hours of that
+#             config's DAG before it runs (docs/estimate.md)
 PYTHON ?= python3
 VENV ?= .venv
 CORES ?= 2
@@ -12,7 +14,7 @@ BIN := $(VENV)/bin
 # trackers, so that all their tests run everywhere.
 EXTRAS ?= dev,clip,wandb,mlflow
 
-.PHONY: install run test lint format dag report docs clean clean-state
+.PHONY: install run test lint format dag report docs clean clean-state estimate
 
 install: $(VENV)/.installed
 
@@ -53,6 +55,9 @@ dag: install
 
 clean-state: install
 	$(BIN)/snakemake clean_state --cores 1 $(ARGS)
+
+estimate: install
+	$(BIN)/python -m robustft.estimate $(ARGS)
 
 clean:
 	rm -rf results .snakemake

@@ -9,6 +9,11 @@ busy (target: at least 0.9). Weights are random (no download); images are synthe
     python benchmarks/extract.py                                  # ResNet-50 on the CPU
     python benchmarks/extract.py --model toyresnet --images 4096  # the toy backbone
     python benchmarks/extract.py --device cuda --images 4096 --batch-size 256
+    python benchmarks/extract.py --model toyresnet --images 4096 --threads 1  # the toy's rate
+
+The whole step's images/s is written into the throughput table that `make estimate` reads
+(`--throughput-file`, default results/throughput.csv; `--no-record` to skip): the row of this
+model on this kind of device, kind `eval`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import torch
 
 from robustft.data.datasets import ArrayImageDataset, to_float
+from robustft.estimate import THROUGHPUT_FILE, record_throughput
 from robustft.features import (
     extract_features,
     resolve_num_workers,
@@ -89,6 +95,8 @@ def main() -> None:
     parser.add_argument("--num-workers", default="auto", help="DataLoader workers, or auto")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings of each")
+    parser.add_argument("--throughput-file", default=THROUGHPUT_FILE)
+    parser.add_argument("--no-record", action="store_true", help="do not write the table")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -127,6 +135,20 @@ def main() -> None:
     )
     print(f"| forward pass alone | {alone_rate:.1f} | {min(alone):.2f} |")
     print(f"| ratio (whole / forward) | {whole_rate / alone_rate:.3f} | |")
+    if not args.no_record:
+        on_gpu = args.device.startswith("cuda")
+        record_throughput(
+            path=args.throughput_file,
+            backbone=args.model,
+            device="gpu" if on_gpu else "cpu",
+            kind="eval",
+            images_per_s=whole_rate,
+            threads=args.threads,
+            feature_dim=model.backbone.num_features,
+            device_name=torch.cuda.get_device_name() if on_gpu else "cpu",
+            source=f"benchmarks/extract.py, {size} px, batch {args.batch_size}, {precision}",
+        )
+        print(f"\nwrote the eval row of {args.model} into {args.throughput_file}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ report test accuracy. Target on a GPU: ours ≥ 2× the images/s at the same acc
 
     python benchmarks/finetune.py --device cuda                   # ResNet-50, 224 px, batch 64
     python benchmarks/finetune.py                                 # CPU: a small smoke run only
+    python benchmarks/finetune.py --model toyresnet --threads 1   # the toy's CPU rate
+
+Ours' images/s is written into the throughput table that `make estimate` reads
+(`--throughput-file`, default results/throughput.csv; `--no-record` to skip): the row of
+this model (toyresnet at `--toy-width`) on this kind of device, kind `train`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from robustft.data.datasets import ArrayImageDataset, to_float
+from robustft.estimate import THROUGHPUT_FILE, record_throughput
 from robustft.evaluate import accuracy
 from robustft.models import ImageClassifier, Preprocess, build_backbone
 from robustft.training import TrainSettings, cosine_lr, train_classifier
@@ -38,8 +44,8 @@ def synthetic_task(*, images: int, size: int, classes: int, seed: int) -> ArrayI
     return ArrayImageDataset(np.clip(pixels, 0, 255).astype(np.uint8), labels)
 
 
-def build(name: str, *, classes: int, size: int) -> ImageClassifier:
-    kwargs = {"width": 8} if name == "toyresnet" else {}
+def build(name: str, *, classes: int, size: int, toy_width: int = 16) -> ImageClassifier:
+    kwargs = {"width": toy_width} if name == "toyresnet" else {}
     backbone = build_backbone(architecture=name, kwargs=kwargs)  # random weights, no download
     preprocess = Preprocess(input_size=size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     return ImageClassifier(backbone=backbone, num_classes=classes, preprocess=preprocess)
@@ -118,6 +124,9 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="ours")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--toy-width", type=int, default=16, help="toyresnet: config's width")
+    parser.add_argument("--throughput-file", default=THROUGHPUT_FILE)
+    parser.add_argument("--no-record", action="store_true", help="do not write the table")
     args = parser.parse_args()
     on_gpu = args.device.startswith("cuda")
     if on_gpu and not torch.cuda.is_available():
@@ -131,7 +140,7 @@ def main() -> None:
     train = synthetic_task(images=count, size=size, classes=args.classes, seed=1)
     test = synthetic_task(images=max(512, count // 4), size=size, classes=args.classes, seed=2)
     torch.manual_seed(0)
-    start = build(model_name, classes=args.classes, size=size)
+    start = build(model_name, classes=args.classes, size=size, toy_width=args.toy_width)
     run = dict(batch_size=args.batch_size, lr=args.lr, device=args.device, seed=0)
     # Warm-up of both (allocator, cuDNN autotuning) on copies, then the timed runs.
     warm = synthetic_task(images=4 * args.batch_size, size=size, classes=args.classes, seed=3)
@@ -169,6 +178,19 @@ def main() -> None:
     print(f"| seconds | {our_seconds:.1f} | {plain_seconds:.1f} |")
     print(f"| speed-up | {rate['ours'] / rate['plain']:.2f}× | 1× |")
     print(f"| test accuracy, % | {100 * acc['ours']:.1f} | {100 * acc['plain']:.1f} |")
+    if not args.no_record:
+        record_throughput(
+            path=args.throughput_file,
+            backbone=model_name,
+            device="gpu" if on_gpu else "cpu",
+            kind="train",
+            images_per_s=rate["ours"],
+            threads=args.threads,
+            feature_dim=start.backbone.num_features,
+            device_name=torch.cuda.get_device_name() if on_gpu else "cpu",
+            source=f"benchmarks/finetune.py, {size} px, batch {args.batch_size}, {precision}",
+        )
+        print(f"\nwrote the train row of {model_name} into {args.throughput_file}")
 
 
 if __name__ == "__main__":

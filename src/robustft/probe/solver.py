@@ -277,10 +277,16 @@ class _PathProblem:
             basis_rows = check_rows = x
         else:
             basis_rows, check_rows = x[order[: 4 * self.dim]], x[order[-2 * self.dim :]]
-        # In float64: float32 eigh fails to converge on real features where most dimensions
-        # are exactly zero (an EfficientNet's at 32 px: about 1,000 of 1,280).
-        covariance = basis_rows.T.double() @ basis_rows.double() / len(basis_rows)
-        _, basis = torch.linalg.eigh(covariance)
+        # In float32 (half the time of float64: a preconditioner needs no more), but float32
+        # eigh can fail to converge on real features where most dimensions are exactly zero
+        # (an EfficientNet's at 32 px: about 1,000 of 1,280): then in float64.
+        covariance = basis_rows.T @ basis_rows / len(basis_rows)
+        try:
+            _, basis = torch.linalg.eigh(covariance)
+            if not bool(torch.isfinite(basis).all()):
+                raise torch.linalg.LinAlgError("non-finite eigenvectors")
+        except torch.linalg.LinAlgError:
+            _, basis = torch.linalg.eigh(covariance.double())
         self.basis = basis.to(x.dtype).contiguous()
         self.variance = (check_rows @ self.basis).square_().mean(dim=0)
         self.products = _RowBlocks(x)
