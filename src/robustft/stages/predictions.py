@@ -61,6 +61,28 @@ class Evaluation:
             rerun="finetune",
         )
 
+    def file_attrs(
+        self,
+        *,
+        method: str,
+        dataset: str,
+        run: str,
+        all_diverged: bool,
+        data_fingerprint: str | None,
+    ) -> dict[str, Any]:
+        """The attributes of a predictions file of this backbone (`write_predictions`)."""
+        return {
+            "method": method,
+            "backbone": self.meta_path.parent.name,
+            "dataset": dataset,
+            "run": run,
+            "class_names": self.class_names,
+            provenance.WEIGHTS_SHA256: self.meta["sha256"],
+            provenance.DATA_FINGERPRINT: data_fingerprint or provenance.UNKNOWN,
+            "robustft": __version__,
+            "all_diverged": all_diverged,
+        }
+
     def predict(
         self,
         state: Mapping[str, torch.Tensor],
@@ -135,17 +157,13 @@ def store_predictions(
     write_predictions(
         out_path,
         seeds=seeds,
-        attrs={
-            "method": method,
-            "backbone": Path(model_dir).name,
-            "dataset": dataset,
-            "run": selection.get("run") or "",
-            "class_names": evaluation.class_names,
-            provenance.WEIGHTS_SHA256: evaluation.meta["sha256"],
-            provenance.DATA_FINGERPRINT: data_fingerprint or provenance.UNKNOWN,
-            "robustft": __version__,
-            "all_diverged": bool(selection.get("all_diverged")),
-        },
+        attrs=evaluation.file_attrs(
+            method=method,
+            dataset=dataset,
+            run=selection.get("run") or "",
+            all_diverged=bool(selection.get("all_diverged")),
+            data_fingerprint=data_fingerprint,
+        ),
     )
     return {
         entry.seed: {name: split.scores().accuracy for name, split in entry.splits.items()}

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from robustft import __version__, provenance
+from robustft import provenance
 from robustft.data.registry import split_column
 from robustft.io import read_json, sha256_file, write_json
 from robustft.models import save_model
@@ -206,17 +206,13 @@ def run_soups(
         write_predictions(
             predictions_paths[kind],
             seeds=predictions[kind],
-            attrs={
-                "method": soup_row_name(method, kind),
-                "backbone": Path(model_dir).name,
-                "dataset": dataset,
-                "run": "",
-                "class_names": evaluation.class_names,
-                provenance.WEIGHTS_SHA256: evaluation.meta["sha256"],
-                provenance.DATA_FINGERPRINT: data_fingerprint or provenance.UNKNOWN,
-                "robustft": __version__,
-                "all_diverged": not predictions[kind],
-            },
+            attrs=evaluation.file_attrs(
+                method=soup_row_name(method, kind),
+                dataset=dataset,
+                run="",
+                all_diverged=not predictions[kind],
+                data_fingerprint=data_fingerprint,
+            ),
         )
     Path(weights_dir).mkdir(parents=True, exist_ok=True)  # also when no seed has a soup
     summary = {
