@@ -108,7 +108,7 @@ BUILTIN: dict[str, Method] = {
         _builtin(
             "l2sp",
             swept={"alpha": "alpha_grid"},
-            options={"beta": 0.0},
+            options={"beta": 0.01},  # the schema's default (Li et al.'s head weight)
             description="ft + α/2·‖w − w₀‖² on the backbone + β/2·‖w_head‖²",
         ),
         _builtin(
@@ -124,7 +124,7 @@ BUILTIN: dict[str, Method] = {
         _builtin(
             "lora",
             swept={"rank": "rank_grid"},
-            options={"lora_alpha": 16.0, "target": "auto"},
+            options={"lora_alpha": 8.0, "target": "auto"},  # the schema's defaults
             description="peft LoRA adapters on the backbone, head trained in full, merged",
         ),
         _builtin(
