@@ -45,9 +45,9 @@ def planned_jobs(output):
 def test_dry_run_of_the_default_config_plans_the_whole_dag(tmp_path):
     result = snakemake("-n", "--configfile", str(ROOT / "config.yaml"), cwd=tmp_path)
     jobs = planned_jobs(result.stdout)
-    # (ft, lpft) × 2 lrs × 3 seeds; (l2sp, l1sp, kd) × 2 values × 3 seeds; lora, freeze_embed,
+    # (ft, lpft, and like for like l2sp, l1sp, kd) × FT's 2 lrs × 3 seeds; lora, freeze_embed,
     # surgical and llrd one point × 3 seeds
-    assert jobs["finetune"] == 2 * 2 * 3 + 3 * 2 * 3 + 4 * 3
+    assert jobs["finetune"] == 5 * 2 * 3 + 4 * 3
     assert jobs["select_run"] == jobs["store_predictions"] == 9
     assert jobs["soups"] == 2  # ft's and lpft's
     assert jobs["wiseft"] == 3 and jobs["plot_wiseft"] == 1
