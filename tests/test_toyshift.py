@@ -130,6 +130,36 @@ def test_resizing_one_split_leaves_the_others_alone(tiny: Splits) -> None:
     assert_same({"val": tiny[1]["val"]}, {"val": task["val"]})
 
 
+@pytest.mark.parametrize("id_domain", ["sketch", "real"])
+def test_baseline_pool_adds_one_split_and_changes_no_other(tiny: Splits, id_domain: str) -> None:
+    plain = tiny if id_domain == "sketch" else generate(id_domain=id_domain)
+    pretrain, task = generate(id_domain=id_domain, baseline_per_class=5)
+    # Every image the other stages read is the same byte for byte: the pool only adds.
+    assert_same(plain[0], pretrain)
+    assert_same(plain[1], {name: task[name] for name in plain[1]})
+    assert list(task) == [*plain[1], toyshift.BASELINE_SPLIT]
+    pool = task[toyshift.BASELINE_SPLIT]
+    assert len(pool) == 2 * 5
+    assert np.bincount(pool.labels).tolist() == [5, 5]
+    assert set(pool.domains.tolist()) == {DOMAINS.index(id_domain)}
+    # Fresh draws: none of them is an image of ID train, val or test.
+    seen = {image.tobytes() for name in ("train", "val", "test") for image in task[name].images}
+    assert not seen & {image.tobytes() for image in pool.images}
+
+
+def test_baseline_pool_is_written_and_read(tmp_path: Path) -> None:
+    pretrain, task = tmp_path / "pretrain.h5", tmp_path / "task.h5"
+    toyshift.write_toyshift(
+        pretrain_path=pretrain, task_path=task, seed=0, baseline_per_class=3, **TINY
+    )
+    assert toyshift_format.list_splits(task) == [*TASK_SPLITS, toyshift.BASELINE_SPLIT]
+    meta = toyshift_format.read_metadata(task)
+    assert meta["generator_params"]["baseline_per_class"] == 3
+    assert meta["splits"][toyshift.BASELINE_SPLIT] == 6
+    loaded = load_split(dataset="toyshift", split=toyshift.BASELINE_SPLIT, root=tmp_path)
+    assert isinstance(loaded, ImageArrays) and len(loaded.labels) == 6
+
+
 def test_other_id_domain() -> None:
     _, task = generate(id_domain="real")
     assert list(task) == ["train", "val", "test", "clipart", "sketch", "painting"]
@@ -142,6 +172,7 @@ def test_other_id_domain() -> None:
         {"id_domain": "photo"},
         {"pretrain_images_per_class": {"photo": 3}},
         {"train_per_class": -1},
+        {"baseline_per_class": -2},
         {"task_classes": 0},
         {"image_size": 4},
     ],

@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 
 # The file format, and its readers re-exported: `toyshift.read_split` etc. keep working here.
 from robustft.data.toyshift_format import (
+    BASELINE_SPLIT,
     DOMAINS,
     FORMAT,
     FORMAT_VERSION,
@@ -43,6 +44,7 @@ from robustft.data.toyshift_format import (
 )
 
 __all__ = [
+    "BASELINE_SPLIT",
     "DEFAULT_PRETRAIN_IMAGES_PER_CLASS",
     "DOMAINS",
     "FORMAT",
@@ -863,6 +865,7 @@ def _plan(
     val_per_class: int,
     test_per_class: int,
     ood_per_class: int,
+    baseline_per_class: int,
 ) -> tuple[list[_Job], list[_Job]]:
     pretrain_jobs: list[_Job] = []
     for domain in DOMAINS:
@@ -878,6 +881,9 @@ def _plan(
         _Job("task", "test", id_domain, test_per_class),
     ]
     task_jobs += [_Job("task", d, d, ood_per_class) for d in DOMAINS if d != id_domain]
+    if baseline_per_class:
+        # Last, and from a stream of its own name: adding the pool changes no other split.
+        task_jobs.append(_Job("task", BASELINE_SPLIT, id_domain, baseline_per_class))
     return pretrain_jobs, task_jobs
 
 
@@ -893,6 +899,7 @@ def generate_toyshift(
     val_per_class: int = 50,
     test_per_class: int = 100,
     ood_per_class: int = 100,
+    baseline_per_class: int = 0,
     pretrain_val_fraction: float = 0.05,
     progress: bool = False,
 ) -> tuple[dict[str, ImageSplit], dict[str, ImageSplit]]:
@@ -900,7 +907,11 @@ def generate_toyshift(
 
     pretrain: "train" (all domains, shuffled) and "val" (`pretrain_val_fraction` of each domain's
     `pretrain_images_per_class`, carved out of it). task: "train", "val", "test" in `id_domain`,
-    then one test-only split per other domain, named by the domain. Task labels run over
+    then one test-only split per other domain, named by the domain, then, when
+    `baseline_per_class` > 0, `BASELINE_SPLIT`: that many more `id_domain` images per class,
+    drawn independently of every other split, for the baseline models of effective robustness
+    only (models trained from scratch need far more ID images than the 150 per class fine-tuning
+    gets to span the ID accuracies of the fine-tuned ones). Task labels run over
     0..task_classes-1, pretrain labels over 0..pretrain_classes-1; the two class sets are
     disjoint shapes from the same generator.
     """
@@ -913,6 +924,7 @@ def generate_toyshift(
         ("val_per_class", val_per_class),
         ("test_per_class", test_per_class),
         ("ood_per_class", ood_per_class),
+        ("baseline_per_class", baseline_per_class),
     ):
         _check_count(name, value, 0)
     if id_domain not in DOMAINS:
@@ -941,6 +953,7 @@ def generate_toyshift(
         val_per_class=val_per_class,
         test_per_class=test_per_class,
         ood_per_class=ood_per_class,
+        baseline_per_class=baseline_per_class,
     )
     total = sum(j.per_class for j in pretrain_jobs) * pretrain_classes
     total += sum(j.per_class for j in task_jobs) * task_classes

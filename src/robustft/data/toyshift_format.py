@@ -1,7 +1,8 @@
 """The toyshift file format: the HDF5 files that `toyshift` generates, written and read back.
 
 One file per pool (pretrain.h5, task.h5): file attributes (format, format_version, seed,
-image_size, domains, class_names, generator_params; task: id_domain), one group per split with
+image_size, domains, class_names, generator_params; task: id_domain), one group per split (task:
+train, val, test, one per OOD domain, optionally `BASELINE_SPLIT` last) with
 `images` (uint8 N×H×W×3), `labels` and `domains` (int64), its count and the sha256 of the three.
 Reading verifies every split against its checksum.
 
@@ -25,6 +26,9 @@ from robustft.io import atomic_path, open_hdf5
 DOMAINS: tuple[str, ...] = ("real", "clipart", "sketch", "painting")
 FORMAT = "robustft-toyshift"
 FORMAT_VERSION = 1
+# The task file's optional pool of extra ID-domain training images for the baseline models of
+# effective robustness (generator key `baseline_per_class`); nothing else reads it.
+BASELINE_SPLIT = "baseline_train"
 _DATASETS = ("images", "labels", "domains")
 
 

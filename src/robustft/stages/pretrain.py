@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from robustft.data import toyshift_format
 from robustft.data.datasets import ArrayImageDataset, as_torch_dataset, train_transform
-from robustft.data.registry import ImageArrays, split_column, take
+from robustft.data.registry import GENERATED, ImageArrays, split_column, take
 from robustft.evaluate import accuracy
 from robustft.io import write_csv, write_json
 from robustft.models import ImageClassifier, Preprocess, build_backbone, save_backbone
@@ -99,6 +100,19 @@ def pretrain_toy_backbone(
     return {"val_accuracy": val_accuracy}
 
 
+def baseline_pool_splits(
+    *, dataset: str, data_root: str | Path | Mapping[str, str | Path]
+) -> list[str]:
+    """The extra ID training splits a dataset offers its baseline models: toyshift's
+    `BASELINE_SPLIT` where its task file has one (`toyshift.baseline_per_class` > 0), else none."""
+    setting = GENERATED.get(dataset)
+    if setting is None or isinstance(data_root, Mapping):
+        return []
+    task = setting.files(root=data_root)["task"]
+    splits = toyshift_format.list_splits(task)
+    return [toyshift_format.BASELINE_SPLIT] if toyshift_format.BASELINE_SPLIT in splits else []
+
+
 def train_baseline(
     *,
     dataset: str,
@@ -121,23 +135,35 @@ def train_baseline(
 ) -> dict[str, Any]:
     """A model trained from scratch on (a fraction of) the ID training data only.
 
-    Such models define the baseline line of effective robustness. The best epoch by ID val
-    is kept; ID test and the OOD splits are evaluated on it once, at the end. Images are
-    used at the training images' own size (in-memory settings: toyshift, the CIFAR ones).
+    Such models define the baseline line of effective robustness. Their training pool is the
+    ID train split plus the dataset's baseline pool where it has one (`baseline_pool_splits`:
+    toyshift's extra ID-domain images, never its val or test ones); `fraction` of that pool is
+    drawn with `seed`. The best epoch by ID val is kept; ID test and the OOD splits are
+    evaluated on it once, at the end. Images are used at the training images' own size
+    (in-memory settings: toyshift, the CIFAR ones).
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    pool_splits = baseline_pool_splits(dataset=dataset, data_root=data_root)
     splits = load_splits(
         dataset=dataset,
         data_root=data_root,
-        splits=run_splits(ood_splits),
+        splits=(*run_splits(ood_splits), *pool_splits),
         data_options=data_options,
     )
+    pools = [splits.pop(name) for name in pool_splits]
     train = splits["train"]
     if not isinstance(train, ImageArrays):
         raise ValueError(
             f"dataset {dataset!r}: baseline models are trained on in-memory settings only; "
             f"give its published line as config key 'baseline.lines.{dataset}'"
+        )
+    pool_images = sum(len(pool.labels) for pool in pools)
+    if pools:
+        train = replace(
+            train,
+            images=np.concatenate([train.images, *(pool.images for pool in pools)]),
+            labels=np.concatenate([train.labels, *(pool.labels for pool in pools)]),
         )
     count = min(len(train.labels), max(batch_size, round(fraction * len(train.labels))))
     keep = np.sort(np.random.default_rng(seed).permutation(len(train.labels))[:count])
@@ -187,6 +213,7 @@ def train_baseline(
         "epochs": epochs,
         "fraction": fraction,
         "train_images": count,
+        "pool_images": pool_images,
         "seed": seed,
         "best_epoch": result.best_epoch,
         "id_val": result.history[result.best_epoch]["id_val"],
