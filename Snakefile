@@ -26,3 +26,7 @@ rule all:
     default_target: True
     input:
         get_final_outputs(),
+
+
+# Last: every rule is defined (why: cache_signatures in common.smk).
+cache_signatures(workflow.rules)
