@@ -886,7 +886,6 @@ def get_final_outputs():
     return outputs
 
 
-
 def cache_signatures(rules):
     """Give every function the rules call (input, params, resources, priority) its signature
     once. Snakemake inspects a function's signature again each time it calls it, for every
