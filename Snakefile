@@ -28,5 +28,6 @@ rule all:
         get_final_outputs(),
 
 
-# Last: every rule is defined (why: cache_signatures in common.smk).
+# Last, when every rule is defined (why: in common.smk).
 cache_signatures(workflow.rules)
+tune_garbage_collection()
