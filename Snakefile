@@ -26,3 +26,8 @@ rule all:
     default_target: True
     input:
         get_final_outputs(),
+
+
+# Last, when every rule is defined (why: in common.smk).
+cache_signatures(workflow.rules)
+tune_garbage_collection()

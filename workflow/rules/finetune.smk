@@ -4,11 +4,7 @@
 
 rule finetune:
     input:
-        unpack(get_dataset_files),
-        unpack(get_backbone_files),
-        unpack(get_probe_files),
-        unpack(get_text_tower_files),
-        prepared=get_prepared_inputs("finetune"),
+        unpack(get_finetune_inputs),
     output:
         model="results/finetune/{method}/{backbone}/{dataset}/{run}/seed{seed}/model.safetensors",
         history="results/finetune/{method}/{backbone}/{dataset}/{run}/seed{seed}/history.csv",

@@ -6,8 +6,9 @@ rule soups:
     input:
         unpack(get_dataset_files),
         unpack(get_backbone_files),
+        # Each run's model.safetensors is written beside its metrics.json (one job): the
+        # metrics alone order and rerun the soups.
         metrics=get_run_metrics,
-        models=get_run_files("model.safetensors"),
     output:
         summary="results/soups/{method}/{backbone}/{dataset}.json",
         weights=directory("results/soups/{method}/{backbone}/{dataset}"),
