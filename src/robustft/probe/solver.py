@@ -484,11 +484,15 @@ def fit_probe_torch(
     between two coarse values both more than `refine_reach` below the best, can be missed.
     A larger `refine_reach` refines more of the curve (all of a flat top) at more fits.
 
-    `refine_tol` (default: `tol`): every fit within `refine_reach` of the best, and every
-    fit of the refinement, converges to it, and C is chosen among those fits. At tol 1e-4 a
-    warm-started fit's val accuracy can be a few tenths of a point from its optimum's, as
-    much as neighbouring C differ near the peak; 1e-5 makes the choice that of the exact
-    optima at about 1.5× the time.
+    These fits stop at `tol`: near the peak a warm-started fit that just meets 1e-4 can be a
+    few tenths of a point of val accuracy from its optimum's, as much as neighbouring C differ
+    there, so which near-tied C wins would depend on where each fit stopped. So every fit
+    within `polish_reach` of the best val accuracy is polished from itself to `refine_tol`,
+    `polish_together` per pass over the data, with the gaps `refinement` would bisect at that
+    reach, until the best fit and everything within `polish_reach` of it are polished
+    (`polish_candidates`); C is chosen among the polished fits. That is the choice of the exact
+    optima whenever a fit at `tol` is within `polish_reach` of its optimum's val accuracy.
+    `refine_tol=None` (or `tol`) turns polishing off: every converged fit counts as polished.
     """
     import torch
 
