@@ -10,6 +10,7 @@ from robustft.probe import (
     coarse_to_fine,
     fit_probe,
     fit_probe_torch,
+    polish_candidates,
     refinement,
     run_probe,
     scalar_standardization,
@@ -194,14 +195,16 @@ def test_refine_tol_chooses_among_fits_converged_to_it():
     settings = dict(
         train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, c_grid=grid, num_classes=5
     )
-    loose = fit_probe_torch(**settings)
+    loose = fit_probe_torch(**settings, refine_tol=1e-4)
     assert all(row["polished"] == row["converged"] for row in loose.sweep)  # refine_tol = tol
-    tight = fit_probe_torch(**settings, refine_tol=1e-5)
+    tight = fit_probe_torch(**settings)  # the default: the choice among fits to 1e-5
     polished = [row for row in tight.sweep if row["polished"]]
-    assert 3 <= len(polished) < len(tight.sweep)  # the best coarse fit and its neighbours
+    assert 2 <= len(polished) < len(tight.sweep)
     assert all(row["grad_max"] <= 1e-5 for row in polished)
-    best = max(polished, key=lambda row: row["val_acc"])
-    assert best["C"] == tight.C
+    best = max(tight.sweep, key=lambda row: row["val_acc"])
+    assert best["C"] == tight.C and best["polished"]
+    # No fit within polish_reach (0.003) of the chosen one is left at tol.
+    assert all(row["polished"] for row in tight.sweep if row["val_acc"] >= best["val_acc"] - 0.003)
     assert abs(grid.index(tight.C) - grid.index(loose.C)) <= 2
 
 
@@ -319,6 +322,19 @@ def test_refinement_bisects_the_gaps_that_could_hold_the_full_sweeps_choice():
     assert refinement(val_acc, 12, reach=0.01) == [10, 14]
     # Reach 0.2: the first peak could be within reach too.
     assert refinement(val_acc, 12, reach=0.2) == [2, 6, 10, 14]
+
+
+def test_polish_candidates_are_the_fits_and_gaps_that_could_still_win():
+    val_acc = {0: 0.40, 4: 0.70, 8: 0.795, 9: 0.80, 10: 0.798, 12: 0.70, 16: 0.799}
+    # Nothing polished yet: every fit within reach of the best (not 8, 0.005 below it), and
+    # the gaps that `refinement` would bisect at that reach.
+    assert polish_candidates(val_acc, set(), reach=0.003) == [9, 10, 11, 14, 16]
+    # Polishing the best dropped it: the one now best must be polished in turn.
+    val_acc |= {9: 0.790, 10: 0.797, 11: 0.796, 14: 0.70, 16: 0.799}
+    assert polish_candidates(val_acc, {9, 10, 11, 14}, reach=0.003) == [15, 16]
+    # Done once the best fit and everything within reach of it are polished.
+    val_acc |= {15: 0.79, 16: 0.795, 8: 0.79}
+    assert polish_candidates(val_acc, {8, 9, 10, 11, 14, 15, 16}, reach=0.003) == []
 
 
 def test_the_probe_records_its_features_provenance_in_metrics_and_head(tmp_path):

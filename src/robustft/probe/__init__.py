@@ -16,6 +16,7 @@ from robustft.probe.solver import (
     fit_probe,
     fit_probe_sklearn,
     fit_probe_torch,
+    polish_candidates,
     refinement,
     scalar_standardization,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "fit_probe",
     "fit_probe_sklearn",
     "fit_probe_torch",
+    "polish_candidates",
     "refinement",
     "run_probe",
     "scalar_standardization",

@@ -15,7 +15,7 @@ import itertools
 import logging
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,6 +184,26 @@ def refinement(val_acc: Mapping[int, float], best: int, *, reach: float) -> list
     return indices
 
 
+def polish_candidates(
+    val_acc: Mapping[int, float], polished: Collection[int], *, reach: float
+) -> list[int]:
+    """The grid indices to fit to `refine_tol` next (`val_acc`: grid index → val accuracy of
+    the fits so far; `polished`: those fitted to `refine_tol`).
+
+    Every fit not yet polished whose val accuracy is within `reach` of the best fit's, and the
+    midpoints of the gaps that `refinement` would bisect around the best fit at that `reach`.
+    Once none is left, the best fit is a polished one, and no other fit (nor grid value that
+    `refinement` reaches) stands within `reach` of it without being polished too: the choice
+    is the exact optima's whenever a fit at `tol` is within `reach` of its optimum's val
+    accuracy.
+    """
+    best = max(val_acc, key=lambda i: (val_acc[i], -i))
+    top = val_acc[best]
+    indices = {i for i, value in val_acc.items() if i not in polished and value >= top - reach}
+    indices.update(refinement(val_acc, best, reach=reach))
+    return sorted(indices)
+
+
 def _start_point(
     i: int, solutions: Mapping[int, tuple[Any, Any]], log_c: np.ndarray
 ) -> tuple[Any, Any] | None:
@@ -248,6 +268,22 @@ class _RowBlocks:
         return torch.bmm(head, self.blocks).sum(dim=0).add_(residual[count * block :].T @ self.tail)
 
 
+def _eigenvectors(covariance: Any) -> Any:
+    """The eigenvectors of a symmetric matrix, as a tensor on its device.
+
+    On a CPU through SciPy's divide-and-conquer LAPACK driver (syevd): at 2048 × 2048 on the
+    2-core machine of docs/performance.md, about half the time of torch.linalg.eigh.
+    """
+    import torch
+
+    if covariance.device.type != "cpu":
+        return torch.linalg.eigh(covariance)[1]
+    from scipy.linalg import eigh
+
+    _, vectors = eigh(covariance.numpy(), driver="evd", check_finite=False)
+    return torch.from_numpy(vectors)
+
+
 class _PathProblem:
     """The multinomial log-loss on centred, standardised features, with what every fit shares.
 
@@ -282,11 +318,11 @@ class _PathProblem:
         # (an EfficientNet's at 32 px: about 1,000 of 1,280): then in float64.
         covariance = basis_rows.T @ basis_rows / len(basis_rows)
         try:
-            _, basis = torch.linalg.eigh(covariance)
+            basis = _eigenvectors(covariance)
             if not bool(torch.isfinite(basis).all()):
                 raise torch.linalg.LinAlgError("non-finite eigenvectors")
-        except torch.linalg.LinAlgError:
-            _, basis = torch.linalg.eigh(covariance.double())
+        except (torch.linalg.LinAlgError, np.linalg.LinAlgError):
+            basis = _eigenvectors(covariance.double())
         self.basis = basis.to(x.dtype).contiguous()
         self.variance = (check_rows @ self.basis).square_().mean(dim=0)
         self.products = _RowBlocks(x)
@@ -422,10 +458,12 @@ def fit_probe_torch(
     tol: float = 1e-4,
     progress: bool = False,
     device: str = "cpu",
-    refine_tol: float | None = None,
+    refine_tol: float | None = 1e-5,
     refine_reach: float = 0.005,
+    polish_reach: float = 0.003,
     coarse_points: int = 12,
     together: int = 2,
+    polish_together: int = 4,
     history_size: int = 10,
 ) -> ProbeResult:
     """Full-batch, preconditioned L-BFGS in float32 over the C grid (`_PathProblem`).
@@ -446,11 +484,15 @@ def fit_probe_torch(
     between two coarse values both more than `refine_reach` below the best, can be missed.
     A larger `refine_reach` refines more of the curve (all of a flat top) at more fits.
 
-    `refine_tol` (default: `tol`): every fit within `refine_reach` of the best, and every
-    fit of the refinement, converges to it, and C is chosen among those fits. At tol 1e-4 a
-    warm-started fit's val accuracy can be a few tenths of a point from its optimum's, as
-    much as neighbouring C differ near the peak; 1e-5 makes the choice that of the exact
-    optima at about 1.5× the time.
+    These fits stop at `tol`: near the peak a warm-started fit that just meets 1e-4 can be a
+    few tenths of a point of val accuracy from its optimum's, as much as neighbouring C differ
+    there, so which near-tied C wins would depend on where each fit stopped. So every fit
+    within `polish_reach` of the best val accuracy is polished from itself to `refine_tol`,
+    `polish_together` per pass over the data, with the gaps `refinement` would bisect at that
+    reach, until the best fit and everything within `polish_reach` of it are polished
+    (`polish_candidates`); C is chosen among the polished fits. That is the choice of the exact
+    optima whenever a fit at `tol` is within `polish_reach` of its optimum's val accuracy.
+    `refine_tol=None` (or `tol`) turns polishing off: every converged fit counts as polished.
     """
     import torch
 
@@ -542,31 +584,30 @@ def fit_probe_torch(
         candidates = sorted(sweep if among is None else among)
         return max(candidates, key=lambda i: (sweep[i]["val_acc"], -i))
 
-    first, step = coarse_to_fine(len(grid), points=coarse_points)
+    first, _ = coarse_to_fine(len(grid), points=coarse_points)
     with tqdm(disable=not progress, desc="C sweep", ascii=True, unit="C") as bar:
         # The whole coarse grid, in ascending groups: val accuracy need not be unimodal in C
         # (real features can have a second, higher peak at large C), and nothing seen at
-        # small C bounds what larger C reach. A small grid is fitted whole, to refine_tol.
+        # small C bounds what larger C reach.
         for start in range(0, len(first), together):
-            fit(first[start : start + together], polish=step == 1)
+            fit(first[start : start + together], polish=False)
         # Then bisect every gap between neighbouring fits that could hold the full sweep's
-        # choice (`refinement`), and polish every fit within `refine_reach` of the best. Near
-        # a peak val accuracy changes by tenths of a point between neighbouring C, and a
-        # warm-started fit that just meets tol 1e-4 can be that far from its optimum's: with
-        # refine_tol < tol the choice is made among fits to refine_tol only.
-        while True:
-            best = best_index()
-            indices = refinement(
-                {i: row["val_acc"] for i, row in sweep.items()}, best, reach=refine_reach
-            )
-            reach = sweep[best]["val_acc"] - refine_reach
-            indices += [i for i in sweep if sweep[i]["val_acc"] >= reach and i not in polished]
-            if not indices:
-                break
-            indices = sorted(set(indices))
+        # choice (`refinement`), at tol: this only finds where the peak is.
+        while indices := refinement(
+            {i: row["val_acc"] for i, row in sweep.items()}, best_index(), reach=refine_reach
+        ):
             for start in range(0, len(indices), together):
-                fit(indices[start : start + together], polish=True)
-    chosen = best_index(polished or None)
+                fit(indices[start : start + together], polish=False)
+        # Near the peak neighbouring C differ by tenths of a point of val accuracy, as much as
+        # a fit that just meets tol can be from its optimum's: polish to refine_tol, from
+        # itself, every fit within polish_reach of the best polished one (`polish_candidates`),
+        # a few per pass over the data, until none is left; C is chosen among those.
+        while indices := polish_candidates(
+            {i: row["val_acc"] for i, row in sweep.items()}, polished, reach=polish_reach
+        ):
+            for start in range(0, len(indices), polish_together):
+                fit(indices[start : start + polish_together], polish=True)
+    chosen = best_index(polished)
     weight_k = np.zeros((num_classes, dim), dtype=np.float64)
     bias_k = np.full(num_classes, -1e9 if len(present) < num_classes else 0.0)
     chosen_weight, chosen_bias = solutions[chosen]
