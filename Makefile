@@ -6,6 +6,8 @@
 #             of that config owns (stopped runs whose settings changed or left the config)
 # make estimate ARGS='--configfile configs/paper.yaml' — jobs, images, GPU- and CPU-hours of that
 #             config's DAG before it runs (docs/estimate.md)
+# make variants — the default experiment on each toyshift variant of configs/variants/ (another ID
+#             domain and seed), one after the other, into results/variants/<name>/ (docs/variants.md)
 PYTHON ?= python3
 VENV ?= .venv
 CORES ?= 2
@@ -14,7 +16,7 @@ BIN := $(VENV)/bin
 # trackers, so that all their tests run everywhere.
 EXTRAS ?= dev,clip,wandb,mlflow
 
-.PHONY: install run test lint format dag report docs clean clean-state estimate
+.PHONY: install run test lint format dag report docs clean clean-state estimate variants
 
 install: $(VENV)/.installed
 
@@ -29,6 +31,17 @@ run: install
 	$(BIN)/snakemake --profile profiles/local --cores $(CORES) && \
 	echo && cat results/tables/summary.md && \
 	echo "workflow time: $$(( $$(date +%s) - start )) s (plot: results/plots/id_vs_ood.png)"
+
+# Each variant in its own directory (--directory), so that none overwrites another's or the
+# default's results; config.yaml is named because Snakemake looks for it there, not here.
+variants: install
+	@for f in configs/variants/*.yaml; do \
+	  name=$$(basename $$f .yaml); start=$$(date +%s); \
+	  $(BIN)/snakemake --profile profiles/local --cores $(CORES) --configfile config.yaml $$f \
+	    --directory results/variants/$$name || exit 1; \
+	  echo && cat results/variants/$$name/results/tables/summary.md && \
+	  echo "$$name: workflow time $$(( $$(date +%s) - start )) s"; \
+	done
 
 test: install
 	$(BIN)/pytest
