@@ -4,6 +4,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 SRC = str(Path(workflow.basedir) / "src")
 if SRC not in sys.path:
@@ -30,6 +31,7 @@ from robustft.data.registry import (
     dataset_sources,
 )
 from robustft.data.fingerprint import cache_name as fingerprint_cache_name
+from robustft.data.splits import TRAIN_PER_CLASS_KEY
 from robustft.data.fingerprint import tree_fingerprint
 from robustft.data.sources import SOURCES, source_root
 from robustft.methods import method_table
@@ -422,6 +424,10 @@ def get_state_dirs():
         for method in get_methods(backbone)
         for run in get_run_grid(method, dataset)
         for seed in config["seeds"]
+    ) + sorted(
+        f"{STATE_ROOT}/{run.method}/{run.backbone}/{run.dataset}/{run.run}/seed{run.seed}"
+        for run in map(get_large_id_run, config["datasets"])
+        if run is not None
     )
 
 
@@ -618,15 +624,86 @@ def get_er_inputs(wildcards):
             for key, file in table.items()
             if isinstance(file, str) and not key.startswith(("lp/", "zeroshot/"))
         },
+        "large_id": get_large_id_files(dataset),
     }
 
 
 def get_er_files(wildcards):
     inputs = get_er_inputs(wildcards)
     files = list(inputs["baseline"]) + list(inputs["selections"].values())
+    files += list(inputs["large_id"].values())
     for probe_files in inputs["probes"].values():
         files += probe_files
     return files
+
+
+# --- ER with a large ID training set (analysis.er_large_id, docs/results.md) ---------------
+
+LARGE_ID = config["analysis"]["er_large_id"]
+
+
+def get_large_id_run(dataset):
+    """The dataset's run trained on a large ID training set (its wildcards), or None. Only
+    generated settings (toyshift) offer more ID images than `train`: its pool of extra ID
+    training images (`toyshift.baseline_per_class`), which the baseline models train on too.
+    The folder spells the images per class (lr0.03-trainpc1150), so a cached run traces to
+    the size it was trained on."""
+    if not (LARGE_ID["enabled"] and config["analysis"]["effective_robustness"]):
+        return None
+    if dataset not in GENERATED or not has_effective_robustness(dataset):
+        return None
+    toy = config["toyshift"]
+    available = toy["train_per_class"] + toy["baseline_per_class"]
+    per_class = LARGE_ID["train_per_class"] or available
+    if per_class > available:
+        sys.exit(
+            f"robustft: config key 'analysis.er_large_id.train_per_class': {per_class} > "
+            f"the {available} ID training images per class toyshift has "
+            "(train_per_class + baseline_per_class)"
+        )
+    backbone = get_backbones(dataset)[0]
+    if LARGE_ID["method"] not in get_methods(backbone):
+        sys.exit(
+            f"robustft: config key 'analysis.er_large_id.method': {LARGE_ID['method']!r} is "
+            f"not a fine-tuning method this config runs on {backbone}"
+        )
+    return SimpleNamespace(
+        method=LARGE_ID["method"],
+        backbone=backbone,
+        dataset=dataset,
+        run=hparam_folder({"lr": LARGE_ID["lr"], TRAIN_PER_CLASS_KEY: per_class}),
+        seed=LARGE_ID["seed"],
+    )
+
+
+def get_large_id_files(dataset):
+    """{"method/backbone": metrics.json} of the dataset's large-ID run (none when off); the
+    ER table reads the history.csv beside it."""
+    run = get_large_id_run(dataset)
+    if run is None:
+        return {}
+    return {
+        f"{run.method}/{run.backbone}": (
+            f"results/finetune/{run.method}/{run.backbone}/{run.dataset}/{run.run}/"
+            f"seed{run.seed}/metrics.json"
+        )
+    }
+
+
+def get_run_settings(wildcards):
+    """The finetune rule's settings: the method's on the dataset; a run trained on a larger
+    ID set (its folder names TRAIN_PER_CLASS_KEY) takes analysis.er_large_id's epochs and
+    eval_every (every epoch scored, to see ER's early rise)."""
+    from robustft.config import parse_hparam_folder
+
+    settings = get_finetune_settings(wildcards.method, wildcards.dataset)
+    if TRAIN_PER_CLASS_KEY in parse_hparam_folder(wildcards.run):
+        settings = {
+            **settings,
+            "epochs": LARGE_ID["epochs"],
+            "eval_every": LARGE_ID["eval_every"],
+        }
+    return settings
 
 
 def get_distortion_splits(dataset):
