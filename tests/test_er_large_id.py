@@ -175,3 +175,23 @@ def test_the_large_id_run_is_a_curve_of_its_own_and_leaves_the_line_alone(tmp_pa
         )
         pd.read_csv(run_dir / "history.csv").to_csv(bad.parent / "history.csv", index=False)
         effective_robustness_table(**args, large_id_files={"ft/bb": bad})
+
+
+def test_the_cost_estimate_counts_the_larger_training_set():
+    from robustft.estimate import PlannedJob, job_work, split_sizes
+
+    config = {**DEFAULT, "dataset_settings": {}}
+    sizes = {"toyshift": split_sizes(dataset="toyshift", config=config)}
+
+    def work(run: str):
+        job = PlannedJob(
+            rule="finetune",
+            wildcards={"method": "ft", "backbone": "toyresnet", "dataset": "toyshift", "run": run},
+            params={"settings": {"epochs": 1, "batch_size": 64, "eval_every": 1}},
+            threads=1,
+            gpus=0,
+        )
+        return job_work(job=job, config=config, sizes=sizes)
+
+    assert work("lr0.03").train_images == 1792  # 150 per class × 12, whole batches of 64
+    assert work("lr0.03-trainpc1150").train_images == 13760  # 1150 × 12 = 13800

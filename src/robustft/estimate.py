@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from robustft.config import parse_hparam_folder
 from robustft.data.registry import (
     GENERATED,
     ID_SPLITS,
@@ -43,6 +44,7 @@ from robustft.data.registry import (
     source_splits,
 )
 from robustft.data.sources import IMAGE_EXTENSIONS, SOURCES, source_root
+from robustft.data.splits import TRAIN_PER_CLASS_KEY
 from robustft.io import write_csv
 
 THROUGHPUT_FILE = "results/throughput.csv"
@@ -514,6 +516,9 @@ def job_work(
         settings = params["settings"]
         epochs, batch = int(settings["epochs"]), int(settings["batch_size"])
         train, exact = _sum_sizes(own, ["train"])
+        run = parse_hparam_folder(wildcards["run"]) if wildcards.get("run") else {}
+        if TRAIN_PER_CLASS_KEY in run:  # a larger ID training set (analysis.er_large_id)
+            train = int(run[TRAIN_PER_CLASS_KEY]) * num_classes(dataset=dataset, config=config)
         evaluated, eval_exact = _sum_sizes(own, eval_splits)
         spec = method_table(config["finetune"])[wildcards["method"]]
         # Row 0 (before training) and every epoch score every eval split (eval_every 1);
