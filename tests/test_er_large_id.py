@@ -16,7 +16,12 @@ import pytest
 import torch
 import yaml
 
-from robustft.analysis import TRAIN_PER_CLASS, _training_curves, effective_robustness_table
+from robustft.analysis import (
+    TRAIN_PER_CLASS,
+    _training_curves,
+    effective_robustness_table,
+    write_effective_robustness,
+)
 from robustft.data import toyshift
 from robustft.data.splits import ImageArrays, first_per_class
 
@@ -159,13 +164,24 @@ def test_the_large_id_run_is_a_curve_of_its_own_and_leaves_the_line_alone(tmp_pa
     args = dict(
         dataset="d", ood_splits=["x"], baseline_files=baselines, probe_files={}, selection_files={}
     )
-    _, plain_lines = effective_robustness_table(**args)
+    plain, plain_lines = effective_robustness_table(**args)
+    assert TRAIN_PER_CLASS not in plain  # no large-ID run, the table as before
     table, lines = effective_robustness_table(**args, large_id_files={"ft/bb": large})
     assert lines == plain_lines  # fitted over the baseline models only
     rows = table[table[TRAIN_PER_CLASS] == 1150]
     assert rows["epoch"].tolist() == [0, 1, 2] and set(rows["method"]) == {"ft"}
     assert table[TRAIN_PER_CLASS].isna().sum() == len(baselines)
     assert list(_training_curves(table)) == ["ft, 1150 ID images/class"]
+    for name, drawn in (("plain", plain), ("large", table)):  # both plots draw
+        write_effective_robustness(
+            table=drawn,
+            lines=lines,
+            csv_path=tmp_path / f"{name}.csv",
+            line_path=tmp_path / f"{name}.json",
+            er_plot=tmp_path / f"{name}_er.png",
+            scatter_plot=tmp_path / f"{name}_scatter.png",
+        )
+        assert (tmp_path / f"{name}_er.png").stat().st_size > 1000
     # ER of each epoch against the same line: OOD minus the line's prediction at its ID.
     expected = 100 * (0.6 - lines["mean"].predict(0.95))
     assert rows["er_pts"].iloc[-1] == pytest.approx(expected)
