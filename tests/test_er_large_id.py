@@ -68,6 +68,20 @@ def test_the_default_dry_run_plans_one_large_id_run_and_the_switch_removes_it(tm
     assert off == folders - set(large)
 
 
+@pytest.mark.workflow
+def test_a_size_beyond_the_train_split_and_pool_stops_the_dry_run(tmp_path):
+    too_many = "analysis={er_large_id: {train_per_class: 2000}}"
+    result = subprocess.run(
+        [*SNAKEMAKE, "-n", "--configfile", str(ROOT / "config.yaml"), "--config", too_many],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    assert "'analysis.er_large_id.train_per_class': 2000 > the 1150" in result.stderr
+
+
 def test_first_per_class_keeps_the_task_images_first_and_nests():
     def split(labels: list[int], offset: int) -> ImageArrays:
         images = np.zeros((len(labels), 2, 2, 3), dtype=np.uint8)

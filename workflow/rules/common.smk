@@ -20,6 +20,7 @@ from robustft.config import (
     format_hparam,
     hparam_folder,
     load_schema,
+    parse_hparam_folder,
     validate_config,
 )
 from robustft.data.registry import (
@@ -31,8 +32,8 @@ from robustft.data.registry import (
     dataset_sources,
 )
 from robustft.data.fingerprint import cache_name as fingerprint_cache_name
-from robustft.data.splits import TRAIN_PER_CLASS_KEY
 from robustft.data.fingerprint import tree_fingerprint
+from robustft.data.splits import TRAIN_PER_CLASS_KEY
 from robustft.data.sources import SOURCES, source_root
 from robustft.methods import method_table
 from robustft.zeroshot import CLIP_TEXT_TOWERS
@@ -694,8 +695,6 @@ def get_run_settings(wildcards):
     """The finetune rule's settings: the method's on the dataset; a run trained on a larger
     ID set (its folder names TRAIN_PER_CLASS_KEY) takes analysis.er_large_id's epochs and
     eval_every (every epoch scored, to see ER's early rise)."""
-    from robustft.config import parse_hparam_folder
-
     settings = get_finetune_settings(wildcards.method, wildcards.dataset)
     if TRAIN_PER_CLASS_KEY in parse_hparam_folder(wildcards.run):
         settings = {
