@@ -153,15 +153,15 @@ def test_the_paper_dag_costs_hundreds_of_gpu_hours_mostly_imagenet_finetuning(mo
     monkeypatch.chdir(ROOT)
     jobs, config = planned_jobs(configfiles=[ROOT / "configs" / "paper.yaml"], forceall=True)
     # The count test_real_data_workflow.PAPER_JOBS explains.
-    assert sum(job.rule == "finetune" for job in jobs) == 7 * (18 + 18 + 6 + 6 + 20) * 3 + 2 * 15
+    assert sum(job.rule == "finetune" for job in jobs) == 7 * (18 + 54 + 6 + 6 + 20) * 3 + 2 * 15
     costs = estimate_jobs(jobs=jobs, config=config, throughput=load_throughput(None))
     rows = cost_table(costs)
     total = rows[-1]
     assert total.rule == "total" and total.jobs == len(jobs) - 1  # rule all is no job
     assert 300 < total.gpu_hours < 3000
     imagenet = next(r for r in rows if (r.rule, r.dataset) == ("finetune", "imagenet"))
-    # 219 runs (204 + FLYP's 15) × 10 epochs × ImageNet's train split (90% of 1,281,167).
-    assert imagenet.train_images == 219 * 10 * (1_153_050 // 64 * 64)
+    # 327 runs (312 + FLYP's 15) × 10 epochs × ImageNet's train split (90% of 1,281,167).
+    assert imagenet.train_images == 327 * 10 * (1_153_050 // 64 * 64)
     assert imagenet.gpu_hours > 0.5 * total.gpu_hours
 
 
