@@ -95,6 +95,36 @@ def test_finetune_counts_every_epoch_and_every_evaluation_and_the_teacher():
     assert kd.eval_images == work.eval_images + 3 * 1792  # the teacher's forward passes
 
 
+def test_baselines_count_the_pool_and_soups_score_val_per_run():
+    config = _toy_config()
+    sizes = {"toyshift": split_sizes(dataset="toyshift", config=config)}
+    baseline = PlannedJob(
+        rule="train_baseline",
+        wildcards={"dataset": "toyshift", "baseline": "w8-e2-f0.5"},
+        params={"settings": {"epochs": 2, "batch_size": 64, "fraction": 0.5, "width": 8}},
+        threads=1,
+        gpus=0,
+    )
+    work = job_work(job=baseline, config=config, sizes=sizes)
+    # Half of train + the baseline pool (12 classes × (150 + baseline_per_class)), whole batches.
+    pool = 12 * (150 + config["toyshift"]["baseline_per_class"])
+    assert work.train_images == 2 * (round(0.5 * pool) // 64 * 64)
+    assert 1 < work.rate_scale < (16 / 8) ** 2  # narrower is faster, less than its MACs say
+    soups = PlannedJob(
+        rule="soups",
+        wildcards={"method": "ft", "backbone": "toyresnet", "dataset": "toyshift"},
+        params={"seeds": [0, 1]},
+        threads=1,
+        gpus=0,
+    )
+    work = job_work(
+        job=soups, config=config, sizes=sizes, sweep_runs={("ft", "toyresnet", "toyshift"): 6}
+    )
+    # Per seed: 3 runs scored on val (600) by the greedy soup, then 2 soups on every
+    # evaluation split (600 + 1200 + 3 × 600).
+    assert work.eval_images == 2 * (3 * 600 + 2 * 3600)
+
+
 def test_seconds_scale_with_images_and_decoding_caps_the_rate():
     table = {
         ("net", "gpu"): Throughput(backbone="net", device="gpu", train_img_s=1000, eval_img_s=4000)
