@@ -164,6 +164,7 @@ def test_the_table_puts_each_backbone_s_pool_and_er_side_by_side(tmp_path: Path)
     assert small_row["best_epoch"] == 2 and small_row["final_epoch"] == 3
     assert small_row["id_best"] == 0.8 and small_row["ood_best"] == pytest.approx(0.4)
     assert small_row["er_pts_best"] == pytest.approx(_expected_er(0.8, 0.5, 0.3))
+    assert (small_row["ood_a_best"], small_row["ood_b_best"]) == (0.5, 0.3)
     assert small_row["er_pts_final"] == pytest.approx(_expected_er(0.85, 0.4, 0.3))
     assert whole_row["er_pts_best"] == pytest.approx(_expected_er(0.95, 0.8, 0.7))
     assert whole_row["er_pts_final"] == pytest.approx(_expected_er(0.9, 0.8, 0.6))

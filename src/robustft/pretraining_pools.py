@@ -145,8 +145,8 @@ def er_pretraining_table(
     runs: Mapping[str, Mapping[str, Any]],
 ) -> pd.DataFrame:
     """One row per backbone: its pretraining pool, its fine-tuning run's ID, mean OOD and ER
-    (points) at the best epoch by ID val and at the last scored epoch, and the ER of every
-    scored epoch (columns er_pts_epoch{e}).
+    (points) at the best epoch by ID val (with each OOD split's accuracy) and at the last scored
+    epoch, and the ER of every scored epoch (columns er_pts_epoch{e}).
 
     `runs` maps a backbone to {"run_dir": the run's folder (metrics.json, history.csv),
     "pool": {"fraction", "domains", "images", "images_per_class"}}. The line is the ER rule's,
@@ -196,6 +196,7 @@ def er_pretraining_table(
                 "id_best": best[0],
                 "ood_best": best[1],
                 "er_pts_best": best[2],
+                **{f"ood_{split}_best": float(metrics[f"ood_{split}"]) for split in ood_splits},
                 "final_epoch": final_epoch,
                 "id_final": final[0],
                 "ood_final": final[1],
