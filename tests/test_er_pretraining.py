@@ -235,3 +235,45 @@ def test_a_bad_pool_stops_the_run_with_one_line_naming_the_key(
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("robustft:")]
     assert len(errors) == 1 and f"'{named}" in errors[0], result.stderr
+
+
+@pytest.mark.workflow
+def test_a_tiny_run_pretrains_the_pool_backbone_on_its_pool_and_tables_its_er(
+    tmp_path: Path,
+) -> None:
+    pools = "{pools: [{fraction: 0.5, domains: [sketch, real]}]}"
+    result = subprocess.run(
+        [
+            *SNAKEMAKE,
+            "--cores",
+            "2",
+            "--configfile",
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--config",
+            "methods=[ft]",
+            "seeds=[0]",
+            f"er_pretraining={pools}",
+            "--",
+            "results/analysis/er_pretraining/toyshift.csv",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    name = "toyresnet-pool0.5-real-sketch"
+    meta = json.loads((tmp_path / "resources" / "models" / name / "meta.json").read_text())
+    # tiny.yaml: 40 real and 20 sketch images per class, 5% held out: 38 and 19, halved.
+    assert meta["pretrain"]["pool"] == {
+        "fraction": 0.5,
+        "images": 6 * (19 + 10),
+        "images_per_class": 29.0,
+        "domains": ["real", "sketch"],
+    }
+    table = pd.read_csv(tmp_path / "results" / "analysis" / "er_pretraining" / "toyshift.csv")
+    assert table["backbone"].tolist() == [name, "toyresnet"]
+    assert table["pool_images"].tolist() == [6 * 29, 6 * 95]  # the whole pool: 38 + 19 · 3
+    assert table["run"].tolist() == ["lr0.03", "lr0.03"]
+    assert table[["er_pts_best", "er_pts_final"]].notna().all().all()
+    assert (tmp_path / "results" / "plots" / "er_pretraining_toyshift.png").exists()
