@@ -498,7 +498,11 @@ def job_work(
         settings = params["settings"]
         toy = config.get("toyshift") or {}
         classes = int(toy.get("pretrain_classes", 20))
-        pool = classes * sum(int(v) for v in (toy.get("pretrain_images_per_class") or {}).values())
+        per_domain = toy.get("pretrain_images_per_class") or {}
+        # An er_pretraining pool's backbone trains on its part of the pool.
+        fraction = float(settings.get("pool_fraction", 1.0))
+        domains = settings.get("pool_domains") or list(per_domain)
+        pool = classes * sum(round(fraction * int(per_domain.get(d, 0))) for d in domains)
         val = round(0.05 * pool)  # the generator's pretrain_val_fraction
         epochs = int(settings["epochs"])
         return Work(
