@@ -95,6 +95,36 @@ def test_finetune_counts_every_epoch_and_every_evaluation_and_the_teacher():
     assert kd.eval_images == work.eval_images + 3 * 1792  # the teacher's forward passes
 
 
+def test_baselines_count_the_pool_and_soups_score_val_per_run():
+    config = _toy_config()
+    sizes = {"toyshift": split_sizes(dataset="toyshift", config=config)}
+    baseline = PlannedJob(
+        rule="train_baseline",
+        wildcards={"dataset": "toyshift", "baseline": "w8-e2-f0.5"},
+        params={"settings": {"epochs": 2, "batch_size": 64, "fraction": 0.5, "width": 8}},
+        threads=1,
+        gpus=0,
+    )
+    work = job_work(job=baseline, config=config, sizes=sizes)
+    # Half of train + the baseline pool (12 classes × (150 + baseline_per_class)), whole batches.
+    pool = 12 * (150 + config["toyshift"]["baseline_per_class"])
+    assert work.train_images == 2 * (round(0.5 * pool) // 64 * 64)
+    assert 1 < work.rate_scale < (16 / 8) ** 2  # narrower is faster, less than its MACs say
+    soups = PlannedJob(
+        rule="soups",
+        wildcards={"method": "ft", "backbone": "toyresnet", "dataset": "toyshift"},
+        params={"seeds": [0, 1]},
+        threads=1,
+        gpus=0,
+    )
+    work = job_work(
+        job=soups, config=config, sizes=sizes, sweep_runs={("ft", "toyresnet", "toyshift"): 6}
+    )
+    # Per seed: 3 runs scored on val (600) by the greedy soup, then 2 soups on every
+    # evaluation split (600 + 1200 + 3 × 600).
+    assert work.eval_images == 2 * (3 * 600 + 2 * 3600)
+
+
 def test_seconds_scale_with_images_and_decoding_caps_the_rate():
     table = {
         ("net", "gpu"): Throughput(backbone="net", device="gpu", train_img_s=1000, eval_img_s=4000)
@@ -153,15 +183,15 @@ def test_the_paper_dag_costs_hundreds_of_gpu_hours_mostly_imagenet_finetuning(mo
     monkeypatch.chdir(ROOT)
     jobs, config = planned_jobs(configfiles=[ROOT / "configs" / "paper.yaml"], forceall=True)
     # The count test_real_data_workflow.PAPER_JOBS explains.
-    assert sum(job.rule == "finetune" for job in jobs) == 7 * (18 + 18 + 6 + 6 + 20) * 3 + 2 * 15
+    assert sum(job.rule == "finetune" for job in jobs) == 7 * (18 + 54 + 6 + 6 + 20) * 3 + 2 * 15
     costs = estimate_jobs(jobs=jobs, config=config, throughput=load_throughput(None))
     rows = cost_table(costs)
     total = rows[-1]
     assert total.rule == "total" and total.jobs == len(jobs) - 1  # rule all is no job
     assert 300 < total.gpu_hours < 3000
     imagenet = next(r for r in rows if (r.rule, r.dataset) == ("finetune", "imagenet"))
-    # 219 runs (204 + FLYP's 15) × 10 epochs × ImageNet's train split (90% of 1,281,167).
-    assert imagenet.train_images == 219 * 10 * (1_153_050 // 64 * 64)
+    # 327 runs (312 + FLYP's 15) × 10 epochs × ImageNet's train split (90% of 1,281,167).
+    assert imagenet.train_images == 327 * 10 * (1_153_050 // 64 * 64)
     assert imagenet.gpu_hours > 0.5 * total.gpu_hours
 
 

@@ -30,10 +30,10 @@ PAPER_JOBS = {
     # (BREEDS 4 + 1 each, DomainNet 6 + 1, FMoW 5, ImageNet 7 + 1).
     "prepare_images": 2 * 5 + 7 + 5 + 8,
     "fit_probe": 7 * 3,
-    # 7 settings × (FT, LP-FT, freeze-embed 6 lrs; L2-SP, L1-SP, KD 2 lrs × 3 values; LoRA
-    # 3 lrs × 2 ranks; LLRD 3 lrs × 2 decays; surgical 5 lrs × 4 block groups) × 3 seeds, and
-    # FLYP (5 lrs × 3 seeds) on the two CLIP settings (DomainNet, ImageNet) only.
-    "finetune": 7 * (3 * 6 + 3 * 6 + 6 + 6 + 20) * 3 + 2 * 5 * 3,
+    # 7 settings × (FT, LP-FT, freeze-embed 6 lrs; L2-SP, L1-SP, KD FT's 6 lrs × 3 values;
+    # LoRA 3 lrs × 2 ranks; LLRD 3 lrs × 2 decays; surgical 5 lrs × 4 block groups) × 3 seeds,
+    # and FLYP (5 lrs × 3 seeds) on the two CLIP settings (DomainNet, ImageNet) only.
+    "finetune": 7 * (3 * 6 + 3 * 18 + 6 + 6 + 20) * 3 + 2 * 5 * 3,
     "select_run": 7 * 9 + 2,
     "store_predictions": 7 * 9 + 2,  # the selected runs' logits, one file per method
     "soups": 7 * 2,  # FT's and LP-FT's runs of each setting
@@ -76,7 +76,7 @@ def test_paper_dry_run_of_one_dataset_plans_only_that_setting(tmp_path):
         "fetch_backbone": 1,
         "extract_features": 4,
         "fit_probe": 3,
-        "finetune": (3 * 6 + 3 * 6 + 6 + 6 + 20) * 3,  # no FLYP: not a CLIP backbone
+        "finetune": (3 * 6 + 3 * 18 + 6 + 6 + 20) * 3,  # no FLYP: not a CLIP backbone
         "select_run": 9,
         "store_predictions": 9,
         "soups": 2,

@@ -46,16 +46,19 @@ def test_dry_run_of_the_default_config_plans_the_whole_dag(tmp_path):
     result = snakemake("-n", "--configfile", str(ROOT / "config.yaml"), cwd=tmp_path)
     jobs = planned_jobs(result.stdout)
     # (ft, lpft, and like for like l2sp, l1sp, kd) × FT's 2 lrs × 2 seeds; lora, freeze_embed,
-    # surgical and llrd one point × 2 seeds
-    assert jobs["finetune"] == 5 * 2 * 2 + 4 * 2
+    # surgical and llrd one point × 2 seeds; one FT run of each er_pretraining pool's backbone;
+    # one FT run on the large ID set (analysis.er_large_id)
+    assert jobs["finetune"] == 5 * 2 * 2 + 4 * 2 + 2 + 1
     assert jobs["select_run"] == jobs["store_predictions"] == 9
     assert jobs["soups"] == 2  # ft's and lpft's
     assert jobs["wiseft"] == 2 and jobs["plot_wiseft"] == 1
     assert jobs["extract_features"] == 6  # train, val, test + 3 OOD domains
     assert jobs["fit_probe"] == 2
-    assert jobs["pretrain_backbone"] == 1 and jobs["generate_toyshift"] == 1
+    # the toy and the two er_pretraining pools' backbones
+    assert jobs["pretrain_backbone"] == 3 and jobs["generate_toyshift"] == 1
     assert jobs["train_baseline"] == 6
     assert jobs["effective_robustness"] == jobs["feature_distortion"] == 1
+    assert jobs["er_pretraining"] == 1
     assert not (tmp_path / "results").exists()
 
 

@@ -15,12 +15,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from robustft.data.splits import TRAIN_PER_CLASS_KEY
 from robustft.io import atomic_path, read_json, write_json
 from robustft.provenance import DATA_FINGERPRINT, check_same
 from robustft.report import method_style
 from robustft.robustness import BaselineLine, effective_robustness, fit_baseline
 
 MEAN = "mean"  # the line and ER of the mean over OOD splits
+# Column of the ER table: ID training images per class of a run trained on a larger ID set
+# than the dataset's train split (analysis.er_large_id); empty for every other row.
+TRAIN_PER_CLASS = "train_per_class"
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,31 @@ def baseline_lines(
     }
 
 
+def large_id_rows(*, metrics_file: str | Path, ood_splits: Sequence[str]) -> list[dict[str, Any]]:
+    """One ER-table row per scored epoch of a run trained on a larger ID set: its history.csv
+    beside `metrics_file`, which must name the images per class (`TRAIN_PER_CLASS_KEY` among
+    its hparams, as its folder does)."""
+    metrics = read_json(metrics_file)
+    per_class = (metrics.get("hparams") or {}).get(TRAIN_PER_CLASS_KEY)
+    if per_class is None:
+        raise ValueError(
+            f"{metrics_file}: no {TRAIN_PER_CLASS_KEY} among its hparams; not a large-ID run"
+        )
+    history_path = Path(metrics_file).parent / "history.csv"
+    history = pd.read_csv(history_path)
+    scored = [column for column in history if column.startswith(("id_test", "ood_"))]
+    return [
+        {
+            "model": metrics["run"],
+            "seed": metrics["seed"],
+            "epoch": int(record["epoch"]),
+            **_accuracies(record, ood_splits, where=str(history_path)),
+            TRAIN_PER_CLASS: int(per_class),
+        }
+        for record in history.dropna(subset=scored).to_dict("records")
+    ]
+
+
 def effective_robustness_table(
     *,
     dataset: str,
@@ -85,11 +114,16 @@ def effective_robustness_table(
     probe_files: Mapping[str, Sequence[str | Path]],
     selection_files: Mapping[str, str | Path],
     published_line: Mapping[str, Any] | None = None,
+    large_id_files: Mapping[str, str | Path] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, BaselineLine]]:
     """ER of every baseline model, probe and fine-tuning epoch (the selected lr, every seed).
 
     `probe_files` maps a backbone to its probes' metrics files; `selection_files` maps
     "method/backbone" to a `select_run` file, whose runs' history.csv give one row per epoch.
+    `large_id_files` maps "method/backbone" to the metrics.json of a run trained on a larger
+    ID training set (analysis.er_large_id): one row per scored epoch too, with its images per
+    class in column `TRAIN_PER_CLASS` (absent when there is no such run). The baseline line
+    is fitted over the baseline models only, whatever else the table holds.
     ID accuracy is ID test accuracy; `er_pts*` columns are in accuracy points.
     """
     rows: list[dict[str, Any]] = []
@@ -141,6 +175,14 @@ def effective_robustness_table(
                         **_accuracies(record, ood_splits, where=str(history_path)),
                     }
                 )
+    for key, metrics_file in (large_id_files or {}).items():
+        method, backbone = key.split("/", 1)
+        metrics = read_json(metrics_file)
+        origins.append((metrics_file, metrics))
+        rows += [
+            {**row, "method": method, "backbone": backbone}
+            for row in large_id_rows(metrics_file=metrics_file, ood_splits=ood_splits)
+        ]
     check_same(records=origins, name=DATA_FINGERPRINT, rerun="train_baseline fit_probe finetune")
     table = pd.DataFrame(rows)
     baseline = table[table["method"] == "baseline"]
@@ -190,14 +232,29 @@ def write_effective_robustness(
 
 
 def _training_curves(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Mean over seeds per epoch, for each fine-tuning method (and backbone)."""
+    """Mean over seeds per epoch, for each fine-tuning method (and backbone); a run on a
+    larger ID training set is a curve of its own, labelled with its images per class."""
     runs = table[~table["method"].isin(["baseline", "lp"])]
+    if TRAIN_PER_CLASS not in runs:
+        runs = runs.assign(**{TRAIN_PER_CLASS: np.nan})
     curves = {}
-    for (method, backbone), group in runs.groupby(["method", "backbone"], sort=False):
+    keys = ["method", "backbone", TRAIN_PER_CLASS]
+    for (method, backbone, per_class), group in runs.groupby(keys, sort=False, dropna=False):
         label = method if runs["backbone"].nunique() == 1 else f"{method} ({backbone})"
+        large = not pd.isna(per_class)
+        if large:
+            label += f", {int(per_class)} ID images/class"
         curve = group.groupby("epoch")[["id", "ood", "er_pts"]].mean().reset_index()
-        curves[label] = curve.assign(method=method)
+        curves[label] = curve.assign(method=method, large_id=large)
     return curves
+
+
+def _curve_style(curve: pd.DataFrame) -> dict[str, str]:
+    """The method's colour and marker; a large-ID curve dashed, with open markers."""
+    style = method_style(curve["method"].iloc[0])
+    if curve["large_id"].iloc[0]:
+        style.update(linestyle="--", markerfacecolor="none")
+    return style
 
 
 def _save(fig: Any, out_path: str | Path) -> None:
@@ -221,7 +278,7 @@ def plot_er_along_training(table: pd.DataFrame, *, out_path: str | Path) -> None
     for axis in (by_epoch, by_id):
         axis.axhline(0, color="0.5", linewidth=0.8, linestyle="--", label="baseline line (ER = 0)")
     for label, curve in _training_curves(table).items():
-        style = method_style(curve["method"].iloc[0])
+        style = _curve_style(curve)
         by_epoch.plot(curve["epoch"], curve["er_pts"], markersize=4, label=label, **style)
         (drawn,) = by_id.plot(
             100 * curve["id"], curve["er_pts"], markersize=4, label=label, **style
@@ -290,7 +347,7 @@ def plot_logit_id_vs_ood(
             label=f"fit: logit(OOD) = {line.slope:.2f}·logit(ID) {line.intercept:+.2f}",
         )
     for label, curve in _training_curves(table).items():
-        style = method_style(curve["method"].iloc[0])
+        style = _curve_style(curve)
         ax.plot(
             curve["id"].clip(*clip), curve["ood"].clip(*clip), markersize=4, label=label, **style
         )

@@ -29,12 +29,14 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from robustft.config import parse_hparam_folder
 from robustft.data.registry import (
     GENERATED,
     ID_SPLITS,
@@ -43,6 +45,7 @@ from robustft.data.registry import (
     source_splits,
 )
 from robustft.data.sources import IMAGE_EXTENSIONS, SOURCES, source_root
+from robustft.data.splits import TRAIN_PER_CLASS_KEY
 from robustft.io import write_csv
 
 THROUGHPUT_FILE = "results/throughput.csv"
@@ -67,10 +70,19 @@ LIGHT_START_S = 2.0  # rules that push no images (select_run, tables, plots, man
 PROBE_PASSES_PER_C = 1.6
 PROBE_TOGETHER = 2
 PROBE_FLOP_S = {"cpu": 26e9, "gpu": 15e12}
+# What a value of C costs besides its FLOP (solver set-up, the polish of the chosen candidates,
+# scoring val): the toy's 13-value sweep takes about 2 s of its 6 s job on one thread here, with
+# negligible FLOP; nothing next to the FLOP of a real backbone's features.
+PROBE_OVERHEAD_PER_C_S = 0.15
 DEFAULT_FEATURE_DIM = 2048  # a backbone the table does not know
 # generate_toyshift draws and renders on the CPU: images per second on one thread (measured
 # on the machine of docs/estimate.md).
 TOYSHIFT_GENERATE_IMG_S = 4000.0
+# The toy's per-image time that does not scale with the width (data movement, BatchNorm,
+# the optimiser, Python): fitted to the baseline models of width 8 (0.37 ms per training
+# image) against the width-16 row (0.56 ms) on the machine of docs/estimate.md; the rest
+# grows with the square of the width, as a convolution's multiply-accumulates do.
+TOY_WIDTH_FIXED_SHARE = 0.55
 
 
 @dataclass(frozen=True)
@@ -429,6 +441,7 @@ class Work:
     train_images: int = 0
     eval_images: int = 0
     probe_flop: float = 0.0
+    probe_values: int = 0  # values of C the probe fits
     generated_images: int = 0
     decodes_files: bool = False
     rate_scale: float = 1.0  # the backbone's rates × this (a toy baseline of another width)
@@ -447,10 +460,30 @@ def _steps_images(images: int, batch_size: int) -> int:
     return images // batch_size * batch_size
 
 
+def baseline_pool_images(*, dataset: str, config: Mapping[str, Any]) -> int:
+    """The extra ID images a generated dataset draws for its baseline models (0 elsewhere)."""
+    if dataset not in GENERATED:
+        return 0
+    toy = config.get(dataset) or {}
+    return int(toy.get("task_classes", 12)) * int(toy.get("baseline_per_class", 0) or 0)
+
+
+def toy_width_scale(*, width: float, reference: float) -> float:
+    """Rate of a toy ResNet of `width` relative to the measured one of `reference` width."""
+    fixed = TOY_WIDTH_FIXED_SHARE
+    return 1.0 / (fixed + (1.0 - fixed) * (float(width) / float(reference)) ** 2)
+
+
 def job_work(
-    *, job: PlannedJob, config: Mapping[str, Any], sizes: Mapping[str, Mapping[str, SplitSize]]
+    *,
+    job: PlannedJob,
+    config: Mapping[str, Any],
+    sizes: Mapping[str, Mapping[str, SplitSize]],
+    sweep_runs: Mapping[tuple[str, str, str], int] | None = None,
 ) -> Work:
-    """The images (and FLOP) one job processes; `sizes` = {dataset: `split_sizes`}."""
+    """The images (and FLOP) one job processes; `sizes` = {dataset: `split_sizes`};
+    `sweep_runs` = {(method, backbone, dataset): fine-tuning runs planned, all seeds}, which a
+    soup's work depends on."""
     rule, wildcards, params = job.rule, job.wildcards, job.params
     dataset = wildcards.get("dataset", "")
     if rule in ("download_dataset", "fetch_backbone", "fetch_text_tower"):
@@ -467,7 +500,11 @@ def job_work(
         settings = params["settings"]
         toy = config.get("toyshift") or {}
         classes = int(toy.get("pretrain_classes", 20))
-        pool = classes * sum(int(v) for v in (toy.get("pretrain_images_per_class") or {}).values())
+        per_domain = toy.get("pretrain_images_per_class") or {}
+        # An er_pretraining pool's backbone trains on its part of the pool.
+        fraction = float(settings.get("pool_fraction", 1.0))
+        domains = settings.get("pool_domains") or list(per_domain)
+        pool = classes * sum(round(fraction * int(per_domain.get(d, 0))) for d in domains)
         val = round(0.05 * pool)  # the generator's pretrain_val_fraction
         epochs = int(settings["epochs"])
         return Work(
@@ -506,6 +543,7 @@ def job_work(
             * train
             * PROBE_TOGETHER
             * num_classes(dataset=dataset, config=config),
+            probe_values=grid,
             exact=exact,
         )
     if rule == "finetune":
@@ -514,6 +552,9 @@ def job_work(
         settings = params["settings"]
         epochs, batch = int(settings["epochs"]), int(settings["batch_size"])
         train, exact = _sum_sizes(own, ["train"])
+        run = parse_hparam_folder(wildcards["run"]) if wildcards.get("run") else {}
+        if TRAIN_PER_CLASS_KEY in run:  # a larger ID training set (analysis.er_large_id)
+            train = int(run[TRAIN_PER_CLASS_KEY]) * num_classes(dataset=dataset, config=config)
         evaluated, eval_exact = _sum_sizes(own, eval_splits)
         spec = method_table(config["finetune"])[wildcards["method"]]
         # Row 0 (before training) and every epoch score every eval split (eval_every 1);
@@ -535,14 +576,13 @@ def job_work(
     if rule == "train_baseline":
         settings = params["settings"]
         epochs, batch = int(settings["epochs"]), int(settings["batch_size"])
-        train = own["train"].images
+        # The ID train split plus the generator's baseline pool (`baseline_pool_splits`).
+        train = own["train"].images + baseline_pool_images(dataset=dataset, config=config)
         count = min(train, max(batch, round(float(settings["fraction"]) * train)))
         others, exact = _sum_sizes(own, [s for s in eval_splits if s != "val"])
-        # The toy's row is measured at the pretrained toy's width; a convolution's cost grows
-        # with the square of the width.
         width = settings.get("width")
         reference = (config.get("toy_backbone") or {}).get("width")
-        scale = (float(reference) / float(width)) ** 2 if width and reference else 1.0
+        scale = toy_width_scale(width=width, reference=reference) if width and reference else 1.0
         return Work(
             rule=rule,
             dataset=dataset,
@@ -552,6 +592,32 @@ def job_work(
             decodes_files=decodes,
             rate_scale=scale,
             exact=exact and own["train"].exact,
+        )
+    if rule == "soups":
+        # Per seed: the greedy soup scores ID val once per run, then both soups score every
+        # evaluation split.
+        evaluated, exact = _sum_sizes(own, eval_splits)
+        seeds = max(1, len(params["seeds"]))
+        key = (wildcards["method"], wildcards["backbone"], dataset)
+        runs = (sweep_runs or {}).get(key, seeds) // seeds
+        return Work(
+            rule=rule,
+            dataset=dataset,
+            backbone=wildcards["backbone"],
+            eval_images=seeds * (runs * own["val"].images + 2 * evaluated),
+            decodes_files=decodes,
+            exact=exact,
+        )
+    if rule == "store_predictions":
+        # The selected run of every seed, scored on every evaluation split.
+        evaluated, exact = _sum_sizes(own, eval_splits)
+        return Work(
+            rule=rule,
+            dataset=dataset,
+            backbone=wildcards["backbone"],
+            eval_images=len(config["seeds"]) * evaluated,
+            decodes_files=decodes,
+            exact=exact,
         )
     if rule == "wiseft":
         evaluated, exact = _sum_sizes(own, eval_splits)
@@ -627,7 +693,8 @@ def job_seconds(
         known = rows[device] or rows["cpu"] or rows["gpu"]
         dim = known.feature_dim if known else DEFAULT_FEATURE_DIM
         flop_rate = PROBE_FLOP_S[device] * (max(1, threads) if device == "cpu" else max(1, gpus))
-        return seconds + work.probe_flop * dim / flop_rate, ""
+        overhead = work.probe_values * PROBE_OVERHEAD_PER_C_S
+        return seconds + overhead + work.probe_flop * dim / flop_rate, ""
     row, note = rows[device], ""
     if row is None and device == "gpu" and rows["cpu"] is not None:
         # A GPU job with only CPU figures (the toy): its threads' CPU rate, an upper bound on
@@ -663,9 +730,14 @@ def estimate_jobs(
 ) -> list[JobCost]:
     """The estimate of every job (in the order given)."""
     sizes = {dataset: split_sizes(dataset=dataset, config=config) for dataset in config["datasets"]}
+    sweep_runs = Counter(
+        (job.wildcards["method"], job.wildcards["backbone"], job.wildcards["dataset"])
+        for job in jobs
+        if job.rule == "finetune"
+    )
     costs = []
     for job in jobs:
-        work = job_work(job=job, config=config, sizes=sizes)
+        work = job_work(job=job, config=config, sizes=sizes, sweep_runs=sweep_runs)
         workers = job.params.get("num_workers") if isinstance(job.params, Mapping) else None
         if workers is None and job.rule == "finetune":
             workers = job.params["settings"].get("num_workers")

@@ -70,6 +70,37 @@ rule effective_robustness:
         "../scripts/effective_robustness.py"
 
 
+# ER against the pretraining pool (config key er_pretraining): the one FT run of the toy and
+# of each pool backbone, read off the ER table's line (no refit).
+rule er_pretraining:
+    input:
+        unpack(get_er_pretraining_inputs),
+    output:
+        csv=report(
+            "results/analysis/er_pretraining/{dataset}.csv",
+            caption="../report/er_pretraining_table.rst",
+            category="{dataset}",
+            subcategory="Effective robustness",
+        ),
+        plot=report(
+            "results/plots/er_pretraining_{dataset}.png",
+            caption="../report/er_pretraining.rst",
+            category="{dataset}",
+            subcategory="Effective robustness",
+        ),
+    log:
+        f"{LOGS}/er_pretraining/{{dataset}}.log",
+    localrule: True
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        plan=get_er_pretraining_plan,
+        ood_splits=lambda wildcards: get_ood_splits(wildcards.dataset),
+        pool_seed=config["toy_backbone"]["seed"],
+    script:
+        "../scripts/er_pretraining.py"
+
+
 rule feature_distortion:
     input:
         get_distortion_inputs,

@@ -4,6 +4,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 SRC = str(Path(workflow.basedir) / "src")
 if SRC not in sys.path:
@@ -19,6 +20,7 @@ from robustft.config import (
     format_hparam,
     hparam_folder,
     load_schema,
+    parse_hparam_folder,
     validate_config,
 )
 from robustft.data.registry import (
@@ -31,6 +33,7 @@ from robustft.data.registry import (
 )
 from robustft.data.fingerprint import cache_name as fingerprint_cache_name
 from robustft.data.fingerprint import tree_fingerprint
+from robustft.data.splits import TRAIN_PER_CLASS_KEY
 from robustft.data.sources import SOURCES, source_root
 from robustft.methods import method_table
 from robustft.zeroshot import CLIP_TEXT_TOWERS
@@ -245,7 +248,7 @@ def get_backbone_files(wildcards):
     """The toy's files (pretrain_backbone), or the meta.json that fetch_backbone writes last;
     jobs find the weights file through meta.json either way."""
     folder = f"{MODELS}/{wildcards.backbone}"
-    if wildcards.backbone == TOY_BACKBONE:
+    if wildcards.backbone in TOY_BACKBONES:
         return {"weights": f"{folder}/model.safetensors", "meta": f"{folder}/meta.json"}
     return {"meta": f"{folder}/meta.json"}
 
@@ -273,7 +276,9 @@ def get_preprocess(backbone, dataset):
     inheriting. A `params` entry of every rule that feeds images to the backbone, so that
     changing it reruns those and nothing else; the job resolves it over meta.json."""
     layers = [
-        (config["backbone_options"].get(backbone) or {}).get("preprocess"),
+        (config["backbone_options"].get(options_backbone(backbone)) or {}).get(
+            "preprocess"
+        ),
         (config["dataset_settings"].get(dataset) or {}).get("preprocess"),
     ]
     merged = {}
@@ -289,7 +294,7 @@ def get_preprocess_params(wildcards):
 def get_backbone_kwargs(backbone):
     """drop_rate, drop_path_rate of a backbone (set ones only): fine-tuning's params, never
     the features' (eval mode turns them off)."""
-    own = config["backbone_options"].get(backbone) or {}
+    own = config["backbone_options"].get(options_backbone(backbone)) or {}
     return {
         key: own[key]
         for key in ("drop_rate", "drop_path_rate")
@@ -414,15 +419,27 @@ def get_text_tower_files(wildcards):
 
 def get_state_dirs():
     """The resumable-state folders of every fine-tuning run this config asks for (the
-    finetune rule's `state_dir`); `clean_state` removes the others."""
-    return sorted(
+    finetune rule's `state_dir`), the pools' runs (er_pretraining) and the large-ID run
+    (analysis.er_large_id) too; `clean_state` removes the others."""
+    sweeps = {
         f"{STATE_ROOT}/{method}/{backbone}/{dataset}/{run}/seed{seed}"
         for dataset in config["datasets"]
         for backbone in get_backbones(dataset)
         for method in get_methods(backbone)
         for run in get_run_grid(method, dataset)
         for seed in config["seeds"]
-    )
+    }
+    pools = {
+        f"{STATE_ROOT}/{run_dir.removeprefix('results/finetune/')}"
+        for dataset in ER_PRETRAINING_DATASETS
+        for run_dir in get_er_pretraining_runs(dataset).values()
+    }
+    large_id = {
+        f"{STATE_ROOT}/{run.method}/{run.backbone}/{run.dataset}/{run.run}/seed{run.seed}"
+        for run in map(get_large_id_run, config["datasets"])
+        if run is not None
+    }
+    return sorted(sweeps | pools | large_id)
 
 
 def get_probe_files(wildcards):
@@ -560,6 +577,9 @@ PRIORITY = {
 
 
 def get_finetune_priority(wildcards):
+    # A pool backbone's run feeds one table only (er_pretraining).
+    if wildcards.backbone in POOL_BACKBONES:
+        return PRIORITY["baseline"]
     if wildcards.method in WISEFT_METHODS:
         return PRIORITY["finetune_gating"]
     return PRIORITY["finetune"]
@@ -618,15 +638,84 @@ def get_er_inputs(wildcards):
             for key, file in table.items()
             if isinstance(file, str) and not key.startswith(("lp/", "zeroshot/"))
         },
+        "large_id": get_large_id_files(dataset),
     }
 
 
 def get_er_files(wildcards):
     inputs = get_er_inputs(wildcards)
     files = list(inputs["baseline"]) + list(inputs["selections"].values())
+    files += list(inputs["large_id"].values())
     for probe_files in inputs["probes"].values():
         files += probe_files
     return files
+
+
+# --- ER with a large ID training set (analysis.er_large_id, docs/results.md) ---------------
+
+LARGE_ID = config["analysis"]["er_large_id"]
+
+
+def get_large_id_run(dataset):
+    """The dataset's run trained on a large ID training set (its wildcards), or None. Only
+    generated settings (toyshift) offer more ID images than `train`: its pool of extra ID
+    training images (`toyshift.baseline_per_class`), which the baseline models train on too.
+    The folder spells the images per class (lr0.03-trainpc1150), so a cached run traces to
+    the size it was trained on."""
+    if not (LARGE_ID["enabled"] and config["analysis"]["effective_robustness"]):
+        return None
+    if dataset not in GENERATED or not has_effective_robustness(dataset):
+        return None
+    toy = config["toyshift"]
+    available = toy["train_per_class"] + toy["baseline_per_class"]
+    per_class = LARGE_ID["train_per_class"] or available
+    if per_class > available:
+        sys.exit(
+            f"robustft: config key 'analysis.er_large_id.train_per_class': {per_class} > "
+            f"the {available} ID training images per class toyshift has "
+            "(train_per_class + baseline_per_class)"
+        )
+    backbone = get_backbones(dataset)[0]
+    if LARGE_ID["method"] not in get_methods(backbone):
+        sys.exit(
+            f"robustft: config key 'analysis.er_large_id.method': {LARGE_ID['method']!r} is "
+            f"not a fine-tuning method this config runs on {backbone}"
+        )
+    return SimpleNamespace(
+        method=LARGE_ID["method"],
+        backbone=backbone,
+        dataset=dataset,
+        run=hparam_folder({"lr": LARGE_ID["lr"], TRAIN_PER_CLASS_KEY: per_class}),
+        seed=LARGE_ID["seed"],
+    )
+
+
+def get_large_id_files(dataset):
+    """{"method/backbone": metrics.json} of the dataset's large-ID run (none when off); the
+    ER table reads the history.csv beside it."""
+    run = get_large_id_run(dataset)
+    if run is None:
+        return {}
+    return {
+        f"{run.method}/{run.backbone}": (
+            f"results/finetune/{run.method}/{run.backbone}/{run.dataset}/{run.run}/"
+            f"seed{run.seed}/metrics.json"
+        )
+    }
+
+
+def get_run_settings(wildcards):
+    """The finetune rule's settings: the method's on the dataset; a run trained on a larger
+    ID set (its folder names TRAIN_PER_CLASS_KEY) takes analysis.er_large_id's epochs and
+    eval_every (every epoch scored, to see ER's early rise)."""
+    settings = get_finetune_settings(wildcards.method, wildcards.dataset)
+    if TRAIN_PER_CLASS_KEY in parse_hparam_folder(wildcards.run):
+        settings = {
+            **settings,
+            "epochs": LARGE_ID["epochs"],
+            "eval_every": LARGE_ID["eval_every"],
+        }
+    return settings
 
 
 def get_distortion_splits(dataset):
@@ -879,6 +968,9 @@ def get_final_outputs():
             for dataset in config["datasets"]
             if has_effective_robustness(dataset)
         ]
+    outputs += expand(
+        "results/analysis/er_pretraining/{dataset}.csv", dataset=ER_PRETRAINING_DATASETS
+    )
     if config["analysis"]["feature_distortion"] and FINETUNE_METHODS:
         outputs += expand(
             "results/analysis/distortion/{dataset}.csv", dataset=config["datasets"]
@@ -918,9 +1010,119 @@ def tune_garbage_collection():
     gc.set_threshold(7000, 10, 10)
 
 
+# --- ER against the pretraining pool (rule er_pretraining, docs/results.md) ---------------
+
+
+def _pool_backbones():
+    """{name: pool settings} of er_pretraining.pools; one line naming the key if wrong."""
+    from robustft.pretraining_pools import pool_backbone_name
+
+    pools = {}
+    for index, pool in enumerate(config["er_pretraining"]["pools"]):
+        name = pool_backbone_name(
+            base=TOY_BACKBONE, fraction=pool["fraction"], domains=pool["domains"]
+        )
+        if name in pools:
+            sys.exit(
+                f"robustft: config key 'er_pretraining.pools[{index}]': the same pool as "
+                f"another entry ({name})"
+            )
+        pools[name] = pool
+    return pools
+
+
+# Datasets whose ER table gets the pools' comparison: they fine-tune the toy and have a line.
+ER_PRETRAINING_DATASETS = [
+    dataset
+    for dataset in config["datasets"]
+    if config["er_pretraining"]["enabled"]
+    and config["er_pretraining"]["pools"]
+    and config["analysis"]["effective_robustness"]
+    and TOY_BACKBONE in get_backbones(dataset)
+    and has_effective_robustness(dataset)
+]
+POOL_BACKBONES = _pool_backbones() if ER_PRETRAINING_DATASETS else {}
+if POOL_BACKBONES and "ft" not in FINETUNE_METHODS:
+    sys.exit(
+        "robustft: config key 'er_pretraining': its runs are FT runs; add ft to 'methods' "
+        "or set er_pretraining.enabled: false"
+    )
+# Backbones pretrained here (pretrain_backbone), the toy and the pools' variants of it.
+TOY_BACKBONES = [TOY_BACKBONE, *POOL_BACKBONES]
+
+
+def options_backbone(backbone):
+    """The backbone whose backbone_options apply: a pool's backbone is the toy."""
+    return TOY_BACKBONE if backbone in POOL_BACKBONES else backbone
+
+
+def get_pretrain_settings(wildcards):
+    """toy_backbone's settings, and a pool backbone's subset of the pretraining pool. The
+    default toy's are toy_backbone itself, so that its cached weights stay valid."""
+    pool = POOL_BACKBONES.get(wildcards.backbone)
+    if pool is None:
+        return config["toy_backbone"]
+    return {
+        **config["toy_backbone"],
+        "pool_fraction": float(pool["fraction"]),
+        "pool_domains": list(pool["domains"]),
+    }
+
+
+def get_pretrain_priority(wildcards):
+    """The toy gates every run; the pools' backbones feed one table, and so fill idle cores
+    as the baseline models do."""
+    if wildcards.backbone in POOL_BACKBONES:
+        return PRIORITY["baseline"]
+    return PRIORITY["pretrain"]
+
+
+def get_pretrain_threads(wildcards):
+    """resources.pretrain.threads for the toy; one job of a pool's backbone takes a
+    fine-tuning run's threads (resources.finetune), so that it packs beside the other runs
+    instead of waiting for all the cores the toy's own pretraining takes."""
+    if wildcards.backbone in POOL_BACKBONES:
+        return get_threads("finetune")
+    return get_threads("pretrain")
+
+
+def get_er_pretraining_runs(dataset):
+    """{backbone: its one FT run folder}: the toy and every pool backbone."""
+    run = hparam_folder({"lr": config["er_pretraining"]["lr"]})
+    seed = config["er_pretraining"]["seed"]
+    return {
+        backbone: f"results/finetune/ft/{backbone}/{dataset}/{run}/seed{seed}"
+        for backbone in TOY_BACKBONES
+    }
+
+
+def get_er_pretraining_plan(wildcards):
+    """{backbone: {run_dir, pool settings}}, er_pretraining's params; the toy's pool is
+    the whole one."""
+    from robustft.data.toyshift_format import DOMAINS
+
+    whole = {"fraction": 1.0, "domains": list(DOMAINS)}
+    return {
+        backbone: {"run_dir": run_dir, "pool": POOL_BACKBONES.get(backbone, whole)}
+        for backbone, run_dir in get_er_pretraining_runs(wildcards.dataset).items()
+    }
+
+
+def get_er_pretraining_inputs(wildcards):
+    return {
+        "line": f"results/analysis/er/{wildcards.dataset}_line.json",
+        "pretrain": "resources/datasets/toyshift/pretrain.h5",
+        "runs": [
+            f"{run_dir}/{name}"
+            for run_dir in get_er_pretraining_runs(wildcards.dataset).values()
+            for name in ("metrics.json", "history.csv")
+        ],
+    }
+
+
 wildcard_constraints:
     dataset=_alternatives(config["datasets"]),
-    backbone=_alternatives(all_backbones()),
+    backbone=_alternatives([*all_backbones(), *POOL_BACKBONES]),
     source=_alternatives(SOURCES),
     method=_alternatives(FINETUNE_METHODS),
     seed=r"\d+",

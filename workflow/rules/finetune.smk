@@ -21,9 +21,8 @@ rule finetune:
     resources:
         **get_stage_resources("finetune"),
     params:
-        settings=lambda wildcards: get_finetune_settings(
-            wildcards.method, wildcards.dataset
-        ),
+        # The method's on the dataset; analysis.er_large_id's loop for a large-ID run.
+        settings=get_run_settings,
         ood_splits=lambda wildcards: get_ood_splits(wildcards.dataset),
         data_root=get_data_root,
         # Resumable state: not an output, so that it survives the failed job it exists for.

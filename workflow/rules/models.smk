@@ -8,25 +8,29 @@ localrules:
     fetch_backbones,
 
 
+# The toy, and one variant of it per er_pretraining pool (toyresnet-pool0.25-all, ...),
+# pretrained on that part of the pool.
 rule pretrain_backbone:
     input:
         pretrain="resources/datasets/toyshift/pretrain.h5",
     output:
-        weights="resources/models/toyresnet/model.safetensors",
-        meta="resources/models/toyresnet/meta.json",
-        history="resources/models/toyresnet/history.csv",
+        weights=f"{MODELS}/{{backbone}}/model.safetensors",
+        meta=f"{MODELS}/{{backbone}}/meta.json",
+        history=f"{MODELS}/{{backbone}}/history.csv",
     log:
-        f"{LOGS}/pretrain_backbone/toyresnet.log",
+        f"{LOGS}/pretrain_backbone/{{backbone}}.log",
     benchmark:
-        f"{BENCHMARKS}/pretrain_backbone/toyresnet.tsv"
-    priority: PRIORITY["pretrain"]
+        f"{BENCHMARKS}/pretrain_backbone/{{backbone}}.tsv"
+    wildcard_constraints:
+        backbone=_alternatives(TOY_BACKBONES),
+    priority: get_pretrain_priority
     conda:
         "../../envs/torch.yaml"
-    threads: get_threads("pretrain")
+    threads: get_pretrain_threads
     resources:
         **get_stage_resources("pretrain"),
     params:
-        settings=config["toy_backbone"],
+        settings=get_pretrain_settings,
         device=config["device"],
         progress=config["progress"],
     script:

@@ -10,6 +10,7 @@ with job(log_path=snakemake.log[0]):
         probe_files=inputs["probes"],
         selection_files=inputs["selections"],
         published_line=snakemake.params.published_line,
+        large_id_files=inputs.get("large_id"),
     )
     write_effective_robustness(
         table=table,

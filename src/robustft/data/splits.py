@@ -10,6 +10,7 @@ A module of its own so that the registry and the imagefolder reader both import 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -69,3 +70,36 @@ def take(split: Split, index: np.ndarray) -> Split:
     if isinstance(split, ImageArrays):
         return replace(split, images=split.images[index], labels=split.labels[index])
     return replace(split, paths=tuple(split.paths[i] for i in index), labels=split.labels[index])
+
+
+# Run-folder key of a fine-tuning run trained on a larger ID training set than `train`
+# (lr0.03-trainpc1150: 1150 images per class): the first that many of each class from `train`
+# and then the dataset's pool of extra ID training images (toyshift's `baseline_train`). Its
+# val, test and OOD splits are the dataset's own, so the baseline line of ER applies to it.
+TRAIN_PER_CLASS_KEY = "trainpc"
+
+
+def first_per_class(parts: Sequence[ImageArrays], *, per_class: int) -> ImageArrays:
+    """The first `per_class` images of every class of `parts` taken in order (the task's own
+    training images first, then a pool's), in that order: a smaller size is a subset of a
+    larger one. Every class must have that many."""
+    if not parts:
+        raise ValueError("no splits to take images from")
+    names = parts[0].class_names
+    if any(part.class_names != names for part in parts):
+        raise ValueError("the splits name different classes")
+    labels = np.concatenate([part.labels for part in parts])
+    counts = np.bincount(labels, minlength=len(names))
+    if per_class < 1 or counts.min() < per_class:
+        raise ValueError(
+            f"{per_class} images per class asked for; the splits hold {int(counts.min())} "
+            f"of the rarest class ({names[int(counts.argmin())]!r})"
+        )
+    # Rank of each image within its class, in order: keep ranks below per_class.
+    rank = np.zeros(len(labels), dtype=np.int64)
+    for label in range(len(names)):
+        members = np.flatnonzero(labels == label)
+        rank[members] = np.arange(len(members))
+    keep = np.flatnonzero(rank < per_class)
+    images = np.concatenate([part.images for part in parts])
+    return replace(parts[0], images=images[keep], labels=labels[keep])

@@ -20,6 +20,7 @@ import torch
 from robustft import distributed, provenance
 from robustft.config import hparam_folder
 from robustft.data.datasets import train_transform
+from robustft.data.splits import TRAIN_PER_CLASS_KEY, ImageArrays, first_per_class
 from robustft.features import resolve_precision
 from robustft.io import sha256_file, write_csv, write_json
 from robustft.methods import Method
@@ -221,6 +222,15 @@ def run_finetune(
         splits=run_splits(ood_splits),
         data_options=data_options,
     )
+    if (hparams or {}).get(TRAIN_PER_CLASS_KEY) is not None:
+        splits["train"] = _larger_train(
+            dataset=dataset,
+            data_root=data_root,
+            train=splits["train"],
+            per_class=int(hparams[TRAIN_PER_CLASS_KEY]),
+            data_options=data_options,
+            prepared=prepared,
+        )
     num_classes = len(splits["train"].class_names)
     model = _start_model(
         spec,
@@ -234,7 +244,11 @@ def run_finetune(
     # Which runs share an initialisation (model soups average only those): the start's hash.
     init_sha256 = state_dict_sha256(model.state_dict())
     hparams = {key: float(value) for key, value in (hparams or {}).items()}
-    options = {**(method_options or {}), **hparams}
+    # The training-set size is the data's, not the method's: not one of its options.
+    options = {
+        **(method_options or {}),
+        **{key: value for key, value in hparams.items() if key != TRAIN_PER_CLASS_KEY},
+    }
     teacher = None
     if spec.teacher:
         teacher = _teacher(
@@ -360,6 +374,7 @@ def run_finetune(
             result, method=method, lr=lr, hparams=hparams, seed=seed, recorded=recorded
         )
         metrics[provenance.INIT_SHA256] = init_sha256
+        metrics["train_images"] = len(splits["train"].labels)
         write_json(
             out_dir / "config.json",
             {
@@ -393,6 +408,44 @@ def run_finetune(
         )
         log_run(run, settings=tracking)
     return metrics
+
+
+def _larger_train(
+    *,
+    dataset: str,
+    data_root: str | Path | Mapping[str, str | Path],
+    train: Any,
+    per_class: int,
+    data_options: Mapping[str, Any] | None,
+    prepared: Mapping[str, str | Path] | None,
+) -> ImageArrays:
+    """The ID training set of a run whose folder names `TRAIN_PER_CLASS_KEY`: the first
+    `per_class` images of each class of `train` and then of the dataset's pool of extra ID
+    training images (`baseline_pool_splits`: the images the ER baselines train on, never a
+    val, test or OOD image), so that the same baseline line applies to the run."""
+    from robustft.stages.pretrain import baseline_pool_splits
+
+    if "train" in (prepared or {}):
+        raise ValueError(
+            f"{TRAIN_PER_CLASS_KEY}: the prepared-image cache holds the train split only"
+        )
+    pools = baseline_pool_splits(dataset=dataset, data_root=data_root)
+    parts = [
+        train,
+        *load_splits(
+            dataset=dataset, data_root=data_root, splits=pools, data_options=data_options
+        ).values(),
+    ]
+    if not all(isinstance(part, ImageArrays) for part in parts):
+        raise ValueError(f"dataset {dataset!r}: {TRAIN_PER_CLASS_KEY} needs in-memory splits")
+    larger = first_per_class(parts, per_class=per_class)
+    log.info(
+        "train: %d images (%d per class) from train and %s",
+        len(larger.labels),
+        per_class,
+        pools or "no pool",
+    )
+    return larger
 
 
 def _checked_probe_head(

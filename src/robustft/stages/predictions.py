@@ -90,12 +90,15 @@ class Evaluation:
         batch_size: int,
         device: str,
         num_workers: int = 0,
+        columns: Sequence[str] | None = None,
     ):
-        """{split column: logits and labels} of the classifier with weights `state`."""
+        """{split column: logits and labels} of the classifier with weights `state`, on every
+        evaluation split or only those of `columns`."""
         self.model.load_state_dict(state)
+        chosen = self.datasets if columns is None else {c: self.datasets[c] for c in columns}
         return predict_splits(
             self.model,
-            self.datasets,
+            chosen,
             batch_size=batch_size,
             device=device,
             num_workers=num_workers,

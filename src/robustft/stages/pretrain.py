@@ -47,15 +47,38 @@ def pretrain_toy_backbone(
     batch_size: int,
     weight_decay: float,
     seed: int,
+    pool_fraction: float = 1.0,
+    pool_domains: Sequence[str] | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train the toy ResNet on the toyshift pretraining pool; save the backbone only."""
+    """Train the toy ResNet on the toyshift pretraining pool; save the backbone only.
+
+    `pool_fraction` and `pool_domains` pretrain it on a part of the pool instead
+    (`robustft.pretraining_pools.select_pool`, drawn with `seed`; its validation split alike):
+    the backbones whose ER is compared against their pretraining data. meta.json records the
+    pool under pretrain.pool.
+    """
     from robustft.data import toyshift
+    from robustft.pretraining_pools import pool_summary, select_pool
 
     train = toyshift.read_split(pretrain_file, "train")
     val = toyshift.read_split(pretrain_file, "val")
     num_classes = len(toyshift.class_names(pretrain_file))
+    if pool_fraction != 1.0 or pool_domains is not None:
+        # The whole pool is not redrawn: the default backbone's data stays bit for bit.
+        domains = list(toyshift.DOMAINS) if pool_domains is None else list(pool_domains)
+        train, val = (
+            select_pool(split=split, fraction=pool_fraction, domains=domains, seed=seed)
+            for split in (train, val)
+        )
+    pool = {"fraction": pool_fraction, **pool_summary(split=train, classes=num_classes)}
+    log.info(
+        "pretraining pool: %d images (%.0f per class), domains %s",
+        pool["images"],
+        pool["images_per_class"],
+        "+".join(pool["domains"]),
+    )
     # The toy backbone's own "pretrained config": the statistics of its pretraining data.
     preprocess = preprocess_of(train.images)
     torch.manual_seed(seed)
@@ -93,11 +116,12 @@ def pretrain_toy_backbone(
                 "val_accuracy": val_accuracy,
                 "settings": asdict(settings),
                 "classes": num_classes,
+                "pool": pool,
             }
         },
     )
     write_csv(Path(out_dir) / "history.csv", result.history)
-    return {"val_accuracy": val_accuracy}
+    return {"val_accuracy": val_accuracy, "pool": pool}
 
 
 def baseline_pool_splits(

@@ -146,10 +146,16 @@ def run_soups(
             return load_file(str(Path(healthy[name]["path"]).parent / "model.safetensors"))
 
         def id_val(state: Mapping[str, Any]) -> float:
+            # Only ID val decides: the other splits are scored once, on the final soups.
+            column = split_column("val")
             splits = evaluation.predict(
-                state, batch_size=batch_size, device=device, num_workers=num_workers
+                state,
+                batch_size=batch_size,
+                device=device,
+                num_workers=num_workers,
+                columns=[column],
             )
-            return splits[split_column("val")].scores().accuracy
+            return splits[column].scores().accuracy
 
         soups = {
             "uniform": (uniform_soup(state_dicts=(load(name) for name in healthy)), list(healthy)),
