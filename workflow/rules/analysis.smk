@@ -16,7 +16,7 @@ rule train_baseline:
         f"{LOGS}/train_baseline/{{dataset}}/{{baseline}}.log",
     benchmark:
         f"{BENCHMARKS}/train_baseline/{{dataset}}/{{baseline}}.tsv"
-    priority: PRIORITY["baseline"]
+    priority: get_baseline_priority
     conda:
         "../../envs/torch.yaml"
     threads: get_threads("finetune")

@@ -565,6 +565,7 @@ def get_threads(stage):
 # baseline models only feed the last table, so they fill idle cores. Order only: no output
 # depends on it.
 PRIORITY = {
+    "data": 100,
     "pretrain": 100,
     "features": 90,
     "probe": 90,
@@ -577,12 +578,21 @@ PRIORITY = {
 
 
 def get_finetune_priority(wildcards):
-    # A pool backbone's run feeds one table only (er_pretraining).
+    # A pool backbone's run feeds one table only (er_pretraining): the second link of the
+    # longest chain among the jobs that fill idle cores (get_pretrain_priority).
     if wildcards.backbone in POOL_BACKBONES:
-        return PRIORITY["baseline"]
+        return PRIORITY["baseline"] + 3
     if wildcards.method in WISEFT_METHODS:
         return PRIORITY["finetune_gating"]
     return PRIORITY["finetune"]
+
+
+def get_baseline_priority(wildcards):
+    """Among the jobs that fill idle cores, the longest first (epochs × fraction of the
+    pool), so that the run does not end on one long baseline model while a core idles.
+    """
+    model = get_baseline_settings(wildcards.baseline)
+    return PRIORITY["baseline"] + min(4, int(model["epochs"] * model["fraction"] + 0.5))
 
 
 def baseline_name(model):
@@ -1073,7 +1083,8 @@ def get_pretrain_priority(wildcards):
     """The toy gates every run; the pools' backbones feed one table, and so fill idle cores
     as the baseline models do."""
     if wildcards.backbone in POOL_BACKBONES:
-        return PRIORITY["baseline"]
+        # Ahead of the baseline models: its fine-tuning run waits for it.
+        return PRIORITY["baseline"] + 5
     return PRIORITY["pretrain"]
 
 

@@ -69,6 +69,8 @@ rule fingerprint_dataset:
         f"{DATA_MANIFESTS}/{{dataset}}.json",
     log:
         f"{LOGS}/fingerprint_dataset/{{dataset}}.log",
+    # Every job of the dataset waits for its manifest.
+    priority: PRIORITY["data"]
     conda:
         "../../envs/analysis.yaml"
     params:
