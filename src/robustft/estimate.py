@@ -31,7 +31,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -74,10 +74,14 @@ PROBE_FLOP_S = {"cpu": 26e9, "gpu": 15e12}
 # scoring val): the toy's 13-value sweep takes about 2 s of its 6 s job on one thread here, with
 # negligible FLOP; nothing next to the FLOP of a real backbone's features.
 PROBE_OVERHEAD_PER_C_S = 0.15
+# A probe job's start-up beyond another job's: SciPy's import, reading the feature files, the
+# features' eigendecomposition (about 2 s of the toy's 7 s probe jobs here).
+PROBE_START_S = 2.0
 DEFAULT_FEATURE_DIM = 2048  # a backbone the table does not know
 # generate_toyshift draws and renders on the CPU: images per second on one thread (measured
 # on the machine of docs/estimate.md).
 TOYSHIFT_GENERATE_IMG_S = 4000.0
+TOY_BACKBONE = "toyresnet"
 # The toy's per-image time that does not scale with the width (data movement, BatchNorm,
 # the optimiser, Python): fitted to the baseline models of width 8 (0.37 ms per training
 # image) against the width-16 row (0.56 ms) on the machine of docs/estimate.md; the rest
@@ -460,6 +464,22 @@ def _steps_images(images: int, batch_size: int) -> int:
     return images // batch_size * batch_size
 
 
+def toy_variants(config: Mapping[str, Any]) -> dict[str, str]:
+    """{backbone: the toy it has the rates of}: the toy backbones pretrained on parts of the
+    pool (`er_pretraining.pools`), the same architecture and width as the toy."""
+    from robustft.pretraining_pools import pool_backbone_name
+
+    study = config.get("er_pretraining") or {}
+    if not study.get("enabled", True):
+        return {}
+    return {
+        pool_backbone_name(base=TOY_BACKBONE, fraction=pool["fraction"], domains=pool["domains"]): (
+            TOY_BACKBONE
+        )
+        for pool in study.get("pools") or []
+    }
+
+
 def baseline_pool_images(*, dataset: str, config: Mapping[str, Any]) -> int:
     """The extra ID images a generated dataset draws for its baseline models (0 elsewhere)."""
     if dataset not in GENERATED:
@@ -693,7 +713,7 @@ def job_seconds(
         known = rows[device] or rows["cpu"] or rows["gpu"]
         dim = known.feature_dim if known else DEFAULT_FEATURE_DIM
         flop_rate = PROBE_FLOP_S[device] * (max(1, threads) if device == "cpu" else max(1, gpus))
-        overhead = work.probe_values * PROBE_OVERHEAD_PER_C_S
+        overhead = PROBE_START_S + work.probe_values * PROBE_OVERHEAD_PER_C_S
         return seconds + overhead + work.probe_flop * dim / flop_rate, ""
     row, note = rows[device], ""
     if row is None and device == "gpu" and rows["cpu"] is not None:
@@ -735,9 +755,12 @@ def estimate_jobs(
         for job in jobs
         if job.rule == "finetune"
     )
+    same_rates = toy_variants(config)
     costs = []
     for job in jobs:
         work = job_work(job=job, config=config, sizes=sizes, sweep_runs=sweep_runs)
+        if work.backbone in same_rates:
+            work = replace(work, backbone=same_rates[work.backbone])
         workers = job.params.get("num_workers") if isinstance(job.params, Mapping) else None
         if workers is None and job.rule == "finetune":
             workers = job.params["settings"].get("num_workers")
