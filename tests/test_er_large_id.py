@@ -8,13 +8,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
+from test_baseline import TINY  # the smallest toyshift the baseline tests generate
 
 from robustft.analysis import (
     TRAIN_PER_CLASS,
@@ -28,16 +28,6 @@ from robustft.data.splits import ImageArrays, first_per_class
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
 DEFAULT = yaml.safe_load((ROOT / "config.yaml").read_text())
-TINY: dict[str, Any] = {
-    "image_size": 16,
-    "pretrain_classes": 2,
-    "task_classes": 2,
-    "pretrain_images_per_class": {"real": 1, "clipart": 0, "painting": 0, "sketch": 1},
-    "train_per_class": 4,
-    "val_per_class": 2,
-    "test_per_class": 2,
-    "ood_per_class": 2,
-}
 OOD = ["real", "clipart", "painting"]
 
 
