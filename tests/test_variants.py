@@ -87,17 +87,3 @@ def test_documented_command_plans_the_whole_dag_in_its_own_directory(path, defau
     result = snakemake("-n", *args, cwd=ROOT)
     assert f"Working directory: {tmp_path}" in result.stdout
     assert planned_jobs(result.stdout) == dict(Counter(job.rule for job in default_plan[0]))
-
-
-def test_a_run_elsewhere_without_config_yaml_is_warned_about(tmp_path):
-    """From another working directory, with only a variant's file, Snakemake silently runs on
-    that file over the schema's defaults: the workflow says so, naming config.yaml; naming
-    config.yaml first silences it."""
-    variant = str(VARIANTS[0])
-    alone = snakemake("-n", "--configfile", variant, "--directory", str(tmp_path), cwd=ROOT)
-    warning = [line for line in alone.stderr.splitlines() if "robustft: warning" in line]
-    assert len(warning) == 1 and str(ROOT / "config.yaml") in warning[0]
-    named = snakemake(
-        "-n", "--configfile", "config.yaml", variant, "--directory", str(tmp_path), cwd=ROOT
-    )
-    assert "robustft: warning" not in named.stderr

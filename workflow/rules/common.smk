@@ -38,21 +38,6 @@ from robustft.data.sources import SOURCES, source_root
 from robustft.methods import method_table
 from robustft.zeroshot import CLIP_TEXT_TOWERS
 
-# `configfile: "config.yaml"` is read from the working directory, and Snakemake says nothing
-# when it is missing there but a --configfile is given (as under --directory): every
-# --configfile here (paper.yaml, the variants) extends config.yaml, so without it the run is
-# another experiment.
-DEFAULT_CONFIG = (Path(workflow.basedir) / "config.yaml").resolve()
-if not Path("config.yaml").exists() and DEFAULT_CONFIG not in {
-    Path(each).resolve() for each in workflow.overwrite_configfiles
-}:
-    print(
-        f"robustft: warning: no config.yaml in the working directory {os.getcwd()}: the "
-        "config is the --configfile/--config given over the schema's defaults; name "
-        f"{DEFAULT_CONFIG} first to start from the default experiment",
-        file=sys.stderr,
-    )
-
 try:
     validate_config(
         config,
