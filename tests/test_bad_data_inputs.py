@@ -238,6 +238,32 @@ def test_hidden_and_empty_folders_and_hidden_files_are_not_classes_or_images(tmp
     assert len(readers.read_class_folders(root / "test", class_to_label=index).paths) == 4
 
 
+def test_images_in_subfolders_of_a_class_count_and_other_files_are_named(tmp_path, caplog):
+    """As torchvision's ImageFolder: a class folder's images may sit in subfolders (one per
+    patient, per session); files that are not images by extension (a GIF, notes) are skipped
+    with one warning line that counts them, never silently."""
+    root = write_folders(tmp_path / "mine")
+    save_png(root / "train" / "ant" / "patient 7" / "scan.PNG")
+    save_png(root / "train" / "cow" / "a" / "b" / "deep.png")
+    save_png(root / "train" / "cow" / ".cache" / "hidden.png")
+    Image.new("P", (8, 8)).save(root / "train" / "ant" / "clip.gif")
+    (root / "train" / "cow" / "notes.txt").write_text("taken at night")
+    os.symlink(root / "train" / "cow", root / "train" / "cow" / "a" / "loop")
+    with caplog.at_level(logging.WARNING):
+        train, val = load(root, "train"), load(root, "val")  # val is carved from train
+    listed = [os.path.relpath(p, root / "train") for p in train.paths + val.paths]
+    assert "ant/patient 7/scan.PNG" in listed and "cow/a/b/deep.png" in listed
+    assert not any("hidden" in p or p.endswith((".gif", ".txt")) for p in listed)
+    assert len(listed) == len(set(listed))  # the link back to `cow` lists nothing twice
+    lines = warnings_of(caplog)
+    assert len(lines) == 1, lines
+    assert "skipping 2 files" in lines[0] and ".gif ×1" in lines[0] and ".txt ×1" in lines[0]
+    assert str(root / "train") in lines[0]
+    # A class folder holding images only in subfolders is a class, not an empty folder.
+    save_png(root / "test" / "emu" / "day1" / "0.png")
+    assert "emu" in readers.list_class_folders(root / "test")
+
+
 @pytest.mark.parametrize("header", ["filepath,class", "path,label", "Image,Target", None])
 def test_lists_with_a_bom_a_header_and_blank_lines(tmp_path, header):
     root = write_folders(tmp_path / "mine")

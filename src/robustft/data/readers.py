@@ -40,7 +40,8 @@ CIFAR10_TEST_FILES = ("test_batch.bin",)
 # STL-10 label (1..10, file order: airplane, bird, car, cat, deer, dog, horse, monkey, ship,
 # truck) minus one → CIFAR-10 label; -1 drops the class (monkey has no CIFAR-10 counterpart).
 STL_TO_CIFAR = (0, 2, 1, 3, 4, 5, 7, -1, 8, 9)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# torchvision's ImageFolder's (torchvision.datasets.folder.IMG_EXTENSIONS), case-insensitive.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # The 62 FMoW categories in WILDS's order (wilds/datasets/fmow_dataset.py: `categories`).
 FMOW_CATEGORIES = (
@@ -160,10 +161,46 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name in NOT_CLASS_FOLDERS
 
 
+def _walk(folder: Path):
+    """os.walk of a class folder as torchvision's ImageFolder walks it (subfolders and links
+    followed), hidden folders skipped, each real folder once (a link cycle ends)."""
+    seen: set[str] = set()
+    for current, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = sorted(name for name in folders if not is_hidden(name))
+        yield current, files
+
+
 def _has_image(folder: Path) -> bool:
     # Stops at the first image: cheap even for ImageNet's 1300-image folders.
-    with os.scandir(folder) as entries:
-        return any(entry.is_file() and is_image(Path(entry.path)) for entry in entries)
+    return any(is_image(Path(name)) for _, files in _walk(folder) for name in files)
+
+
+def _class_files(folder: Path) -> tuple[list[str], list[str]]:
+    """The images anywhere under a class folder (sorted paths), and its other visible files
+    (not images by extension: skipped, and named in one warning line by the caller)."""
+    images, others = [], []
+    for current, files in _walk(folder):
+        for name in files:
+            if name.startswith("."):
+                continue
+            (images if is_image(Path(name)) else others).append(os.path.join(current, name))
+    return sorted(images), sorted(others)
+
+
+def _warn_skipped(root: Path, skipped: Sequence[str]) -> None:
+    if not skipped:
+        return
+    kinds = Counter(Path(name).suffix.lower() or "no extension" for name in skipped)
+    counted = ", ".join(f"{kind} ×{count}" for kind, count in sorted(kinds.items()))
+    warn_once(
+        f"{root}: skipping {len(skipped)} files in class folders that are not images by their "
+        f"extension ({counted}; e.g. {skipped[0]}); images are {' '.join(IMAGE_EXTENSIONS)}"
+    )
 
 
 def _short(names: Sequence[str], *, limit: int = 5) -> str:
@@ -194,10 +231,11 @@ def list_class_folders(root: str | Path) -> list[str]:
 def read_class_folders(
     root: str | Path, *, class_to_label: dict[str, int], strict: bool = True
 ) -> ImageList:
-    """`root/<class>/<image>` → paths and labels; folders not in `class_to_label` are an error
-    when `strict`, else skipped (ImageNet-R/A hold only 200 of the 1000 classes)."""
+    """`root/<class>/<image>` → paths and labels; images in subfolders of a class folder count
+    (as in torchvision's ImageFolder). Folders not in `class_to_label` are an error when
+    `strict`, else skipped (ImageNet-R/A hold only 200 of the 1000 classes)."""
     root = _require(Path(root), what="folder")
-    paths, labels = [], []
+    paths, labels, skipped = [], [], []
     for name in _class_folders(root):
         if name not in class_to_label:
             if strict:
@@ -207,9 +245,11 @@ def read_class_folders(
                     f"({len(class_to_label)} classes: {known})"
                 )
             continue
-        files = sorted(str(p) for p in (root / name).iterdir() if p.is_file() and is_image(p))
+        files, others = _class_files(root / name)
         paths += files
         labels += [class_to_label[name]] * len(files)
+        skipped += others
+    _warn_skipped(root, skipped)
     if not paths:
         raise FileNotFoundError(f"{root}: no images in class folders")
     return ImageList(paths=tuple(paths), labels=np.asarray(labels, dtype=np.int64))
