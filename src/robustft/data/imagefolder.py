@@ -8,11 +8,11 @@ sorted class folders (or label names) of `train`. A split without `val` gets one
 
 Folders: hidden folders (`.ipynb_checkpoints`), `__MACOSX` and folders without image files are
 not classes (ignored, one warning line); hidden files are not images; images in subfolders of a
-class folder count, as in torchvision's ImageFolder; other files are skipped with one warning. Lists: UTF-8 (a BOM is
-dropped), an optional header on the first line, blank lines skipped. An image listed twice in a
-split, or in two of the splits used (compared by resolved path, symlinks followed), is an error
-unless `duplicates: warn`; the check reads every used split's listing (paths only, no image is
-decoded) whichever split is loaded, so that every job of a dataset agrees.
+class folder count, as in torchvision's ImageFolder; other files are skipped with one warning.
+Lists: UTF-8 (a BOM is dropped), an optional header on the first line, blank lines skipped. An
+image listed twice in a split, or in two of the splits used (compared by resolved path, symlinks
+followed), is an error unless `duplicates: warn`; the check reads every used split's listing
+(paths only, no image is decoded) whichever split is loaded, so that every job of a dataset agrees.
 """
 
 from __future__ import annotations
