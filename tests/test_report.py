@@ -129,6 +129,35 @@ def test_a_sweep_that_collapsed_everywhere_is_reported_as_such_not_as_a_number(t
     assert "80.0" not in markdown.split("lpft")[1]  # the probe's numbers are not LP-FT's
 
 
+def test_a_selected_point_at_chance_is_flagged_not_reported_as_a_number(tmp_path):
+    """A sweep whose best point never left chance (too few epochs, an lr grid that misses)
+    learned nothing: its row says so instead of showing 50.0 as if it were a result."""
+    chance = {"chance_id_val": 0.5, "id_val_examples": 100}  # 2σ = 10 points
+    at_chance = [{**run(seed, 0.01, 0.55, 0.5, 0.5, 0.5), **chance} for seed in (0, 1)]
+    learned = [{**run(seed, 0.01, 0.65, 0.6, 0.6, 0.6), **chance} for seed in (0, 1)]
+    older = [run(seed, 0.01, 0.55, 0.5, 0.5, 0.5) for seed in (0, 1)]  # no chance recorded
+    sources = {}
+    for name, runs in (("ft", at_chance), ("lpft", learned), ("kd", older)):
+        folder = tmp_path / name
+        folder.mkdir()
+        select_run(metrics_files=write_runs(folder, runs), out_path=folder / "selected.json")
+        sources[f"{name}/bb"] = str(folder / "selected.json")
+    table = aggregate_dataset(
+        dataset="toy",
+        sources=sources,
+        ood_splits=["real", "clipart"],
+        csv_path=tmp_path / "t.csv",
+        md_path=tmp_path / "t.md",
+    ).set_index("method")
+    assert math.isnan(table.loc["ft", "id"]) and math.isnan(table.loc["ft", "ood"])
+    assert table.loc["ft", "hparam"] == "lr=0.01" and table.loc["ft", "seeds"] == 2
+    assert table.loc["ft", "note"].startswith("at chance: ID val 55.0% against 50.0%")
+    assert table.loc["lpft", "id"] == pytest.approx(0.6)
+    assert table.loc["kd", "id"] == pytest.approx(0.5)  # results from before: as they were
+    markdown = (tmp_path / "t.md").read_text()
+    assert "at chance" in markdown and "50.0 ±" not in markdown.split("| ft")[1].split("\n")[0]
+
+
 def test_effective_robustness_refuses_a_baseline_made_from_other_data(tmp_path):
     import pytest
 

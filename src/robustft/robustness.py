@@ -169,3 +169,32 @@ def expected_calibration_error(
     gap = np.bincount(bins, weights=correct - confidence, minlength=num_bins)
     # Σ_B |B|/N · |acc(B) − conf(B)| = Σ_B |Σ_{i∈B} (correct_i − conf_i)| / N
     return float(np.abs(gap[count > 0]).sum() / len(labels))
+
+
+# --- a result at chance (flagged in the tables, never reported as a number) --------------
+
+
+CHANCE_KEYS = ("chance_id_val", "id_val_examples")  # what chance_record writes
+
+
+def chance_record(val_labels: np.ndarray) -> dict[str, float | int]:
+    """What metrics.json records so that a table can tell a run at chance: the ID val
+    accuracy of always predicting its most frequent class, and the number of ID val images."""
+    labels = np.asarray(val_labels).astype(np.int64).ravel()
+    majority = float(np.bincount(labels).max() / len(labels)) if len(labels) else 0.0
+    return {"chance_id_val": majority, "id_val_examples": len(labels)}
+
+
+def at_chance(*, id_val: Sequence[float], chance: Sequence[float], examples: int) -> str | None:
+    """Why runs count as at chance, in one line, or None: their mean ID val accuracy is at
+    most the majority-class share plus two binomial standard deviations on `examples` images
+    (the band `training.collapse_reason` calls chance). Such a row learned nothing, so a
+    table shows no number for it."""
+    score, share = float(np.mean(id_val)), float(np.mean(chance))
+    sigma = float(np.sqrt(share * (1.0 - share) / max(examples, 1)))
+    if score > share + 2.0 * sigma:
+        return None
+    return (
+        f"at chance: ID val {100 * score:.1f}% against {100 * share:.1f}% for always the "
+        f"most frequent class (+2σ = {100 * 2 * sigma:.1f} points); it learned nothing"
+    )

@@ -33,6 +33,7 @@ from robustft.models import (
     load_head,
     save_model,
 )
+from robustft.robustness import chance_record
 from robustft.runtime import sigterm_deferred
 from robustft.soups import state_dict_sha256
 from robustft.stages.common import (
@@ -375,6 +376,7 @@ def run_finetune(
         )
         metrics[provenance.INIT_SHA256] = init_sha256
         metrics["train_images"] = len(splits["train"].labels)
+        metrics.update(chance_record(splits["val"].labels))  # a table flags a run at chance
         write_json(
             out_dir / "config.json",
             {

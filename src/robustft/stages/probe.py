@@ -16,7 +16,7 @@ from robustft.data.registry import split_column
 from robustft.features import read_features
 from robustft.io import read_json, write_csv, write_json
 from robustft.probe.solver import ProbeResult, fit_probe
-from robustft.robustness import expected_calibration_error
+from robustft.robustness import chance_record, expected_calibration_error
 from robustft.tracking import TrackingSettings, log_run, probe_run
 
 
@@ -160,6 +160,7 @@ def run_probe(
         "feature_std": result.std,
         **accuracies,
         **calibration,
+        **chance_record(sets["val"].labels),  # a table flags a probe at chance
         **recorded,
     }
     write_json(out_dir / "metrics.json", metrics)

@@ -16,6 +16,7 @@ from robustft.data.registry import split_column
 from robustft.io import read_json, sha256_file, write_json
 from robustft.models import save_model
 from robustft.predictions import SeedPredictions, write_predictions
+from robustft.robustness import CHANCE_KEYS
 from robustft.soups import greedy_soup, uniform_soup
 from robustft.stages.predictions import Evaluation
 
@@ -137,6 +138,7 @@ def run_soups(
         init_sha256 = check_shared_initialisation(method=method, runs=runs)
         healthy = {run["run"]: run for run in runs if not run.get("diverged")}
         diverged = sorted(run["run"] for run in runs if run.get("diverged"))
+        first = next(iter(healthy.values()), {})
         if not healthy:
             log.warning("%s seed %d: every run diverged; no soup", method, seed)
             all_diverged.append(seed)
@@ -183,6 +185,8 @@ def run_soups(
                 provenance.INIT_SHA256: init_sha256,
                 **{name: value.accuracy for name, value in scores.items()},
                 **{f"ece_{name}": value.ece for name, value in scores.items()},
+                # The members' (one ID val set): so that a table can flag a soup at chance.
+                **{key: value for key, value in first.items() if key in CHANCE_KEYS},
             }
             if kind == "greedy":
                 record["steps"] = greedy.steps
