@@ -132,12 +132,22 @@ def test_a_sweep_that_collapsed_everywhere_is_reported_as_such_not_as_a_number(t
 def test_a_selected_point_at_chance_is_flagged_not_reported_as_a_number(tmp_path):
     """A sweep whose best point never left chance (too few epochs, an lr grid that misses)
     learned nothing: its row says so instead of showing 50.0 as if it were a result."""
-    chance = {"chance_id_val": 0.5, "id_val_examples": 100}  # 2σ = 10 points
+    chance = {  # 2σ = 10 points
+        "chance_id_val": 0.5,
+        "id_val_examples": 100,
+        "chance_id_test": 0.5,
+        "id_test_examples": 100,
+    }
     at_chance = [{**run(seed, 0.01, 0.55, 0.5, 0.5, 0.5), **chance} for seed in (0, 1)]
     learned = [{**run(seed, 0.01, 0.65, 0.6, 0.6, 0.6), **chance} for seed in (0, 1)]
     older = [run(seed, 0.01, 0.55, 0.5, 0.5, 0.5) for seed in (0, 1)]  # no chance recorded
+    # A val set too small to tell (2σ = 71 points on 2 images) does not flag a run that
+    # scores far above chance on test.
+    tiny_val = [
+        {**run(seed, 0.01, 1.0, 0.95, 0.5, 0.5), **chance, "id_val_examples": 2} for seed in (0, 1)
+    ]
     sources = {}
-    for name, runs in (("ft", at_chance), ("lpft", learned), ("kd", older)):
+    for name, runs in (("ft", at_chance), ("lpft", learned), ("kd", older), ("lora", tiny_val)):
         folder = tmp_path / name
         folder.mkdir()
         select_run(metrics_files=write_runs(folder, runs), out_path=folder / "selected.json")
@@ -151,9 +161,13 @@ def test_a_selected_point_at_chance_is_flagged_not_reported_as_a_number(tmp_path
     ).set_index("method")
     assert math.isnan(table.loc["ft", "id"]) and math.isnan(table.loc["ft", "ood"])
     assert table.loc["ft", "hparam"] == "lr=0.01" and table.loc["ft", "seeds"] == 2
-    assert table.loc["ft", "note"].startswith("at chance: ID val 55.0% against 50.0%")
+    assert table.loc["ft", "note"] == (
+        "at chance: ID val 55.0% (majority class 50.0%) and ID test 50.0% (majority class "
+        "50.0%), within 2σ; it learned nothing"
+    )
     assert table.loc["lpft", "id"] == pytest.approx(0.6)
     assert table.loc["kd", "id"] == pytest.approx(0.5)  # results from before: as they were
+    assert table.loc["lora", "id"] == pytest.approx(0.95)
     markdown = (tmp_path / "t.md").read_text()
     assert "at chance" in markdown and "50.0 ±" not in markdown.split("| ft")[1].split("\n")[0]
 

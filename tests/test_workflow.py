@@ -227,6 +227,7 @@ def test_batchnorm_and_clipping_settings_reach_each_run_with_dataset_overrides(t
     )
     for recorded in (metrics, probe):
         assert (recorded["chance_id_val"], recorded["id_val_examples"]) == (0.25, 40)
+        assert (recorded["chance_id_test"], recorded["id_test_examples"]) == (0.25, 40)
 
 
 def test_effective_robustness_table_has_every_epoch_and_the_baseline(tiny_run):

@@ -8,8 +8,9 @@ its ID accuracy, where the line is fitted in logit space over models trained on 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -174,27 +175,49 @@ def expected_calibration_error(
 # --- a result at chance (flagged in the tables, never reported as a number) --------------
 
 
-CHANCE_KEYS = ("chance_id_val", "id_val_examples")  # what chance_record writes
+CHANCE_SPLITS = ("id_val", "id_test")
+# What chance_record writes: per ID split, the majority class's share and the split's size.
+CHANCE_KEYS = tuple(
+    key for split in CHANCE_SPLITS for key in (f"chance_{split}", f"{split}_examples")
+)
 
 
-def chance_record(val_labels: np.ndarray) -> dict[str, float | int]:
-    """What metrics.json records so that a table can tell a run at chance: the ID val
-    accuracy of always predicting its most frequent class, and the number of ID val images."""
-    labels = np.asarray(val_labels).astype(np.int64).ravel()
-    majority = float(np.bincount(labels).max() / len(labels)) if len(labels) else 0.0
-    return {"chance_id_val": majority, "id_val_examples": len(labels)}
+def chance_record(
+    *, id_val: np.ndarray | None, id_test: np.ndarray | None
+) -> dict[str, float | int]:
+    """What metrics.json records so that a table can tell a result at chance: for ID val and
+    ID test (their labels; None: not scored), the accuracy of always predicting the most
+    frequent class, and the number of images."""
+    record: dict[str, float | int] = {}
+    for split, labels in zip(CHANCE_SPLITS, (id_val, id_test), strict=True):
+        if labels is None:
+            continue
+        labels = np.asarray(labels).astype(np.int64).ravel()
+        share = float(np.bincount(labels).max() / len(labels)) if len(labels) else 0.0
+        record[f"chance_{split}"], record[f"{split}_examples"] = share, len(labels)
+    return record
 
 
-def at_chance(*, id_val: Sequence[float], chance: Sequence[float], examples: int) -> str | None:
-    """Why runs count as at chance, in one line, or None: their mean ID val accuracy is at
-    most the majority-class share plus two binomial standard deviations on `examples` images
-    (the band `training.collapse_reason` calls chance). Such a row learned nothing, so a
-    table shows no number for it."""
-    score, share = float(np.mean(id_val)), float(np.mean(chance))
-    sigma = float(np.sqrt(share * (1.0 - share) / max(examples, 1)))
-    if score > share + 2.0 * sigma:
+def at_chance(runs: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why a row's runs count as at chance, in one line, or None (also when a run does not
+    record chance: results from before the check).
+
+    At chance: on ID val and on ID test alike, the mean accuracy over the runs is at most the
+    majority class's share plus two binomial standard deviations σ on the split's images (the
+    band `training.collapse_reason` calls chance). Both, so that a val set too small to tell
+    (two images) does not flag a probe that scores 100% on test. Such a row learned nothing:
+    a table shows no number for it.
+    """
+    if not runs or not all(key in run for key in CHANCE_KEYS for run in runs):
         return None
-    return (
-        f"at chance: ID val {100 * score:.1f}% against {100 * share:.1f}% for always the "
-        f"most frequent class (+2σ = {100 * 2 * sigma:.1f} points); it learned nothing"
-    )
+    found = []
+    for split in CHANCE_SPLITS:
+        score = float(np.mean([run[split] for run in runs]))
+        share = float(np.mean([run[f"chance_{split}"] for run in runs]))
+        examples = min(int(run[f"{split}_examples"]) for run in runs)
+        sigma = float(np.sqrt(share * (1.0 - share) / max(examples, 1)))
+        if score > share + 2.0 * sigma:
+            return None
+        name = split.replace("id_", "ID ")
+        found.append(f"{name} {100 * score:.1f}% (majority class {100 * share:.1f}%)")
+    return f"at chance: {' and '.join(found)}, within 2σ; it learned nothing"

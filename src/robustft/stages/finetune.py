@@ -376,7 +376,9 @@ def run_finetune(
         )
         metrics[provenance.INIT_SHA256] = init_sha256
         metrics["train_images"] = len(splits["train"].labels)
-        metrics.update(chance_record(splits["val"].labels))  # a table flags a run at chance
+        # So that a table can flag a run at chance.
+        test = splits["test"].labels if "test" in splits else None
+        metrics.update(chance_record(id_val=splits["val"].labels, id_test=test))
         write_json(
             out_dir / "config.json",
             {

@@ -160,7 +160,10 @@ def run_probe(
         "feature_std": result.std,
         **accuracies,
         **calibration,
-        **chance_record(sets["val"].labels),  # a table flags a probe at chance
+        # So that a table can flag a probe at chance.
+        **chance_record(
+            id_val=sets["val"].labels, id_test=sets["test"].labels if "test" in sets else None
+        ),
         **recorded,
     }
     write_json(out_dir / "metrics.json", metrics)
