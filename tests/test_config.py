@@ -51,6 +51,13 @@ def test_every_key_has_a_description_and_a_default():
         ({"toyshift": {"id_domain": "photo"}}, "toyshift.id_domain"),
         ({"finetune": {"epochs": "ten"}}, "finetune.epochs"),
         ({"finetune": {"ft": {"lr_grid": [1e-3, 0.001]}}}, "finetune.ft.lr_grid"),
+        # Names become paths, wildcards and table columns: said as such, not "a number".
+        ({"datasets": ["my-data"]}, "'datasets[0]': 'my-data' is not a name of letters"),
+        ({"dataset_settings": {"my-data": {"type": "imagefolder"}}}, "'dataset_settings': 'my"),
+        (
+            {"dataset_settings": {"mine": {"type": "imagefolder", "splits": {"night time": "n"}}}},
+            "'dataset_settings.mine.splits': 'night time' is not a name",
+        ),
     ],
 )
 def test_bad_values_raise_one_line_naming_the_key(change, named):

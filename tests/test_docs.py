@@ -26,7 +26,7 @@ KEYWORDS = {
     "$schema", "title", "description", "type", "default", "enum", "properties",
     "additionalProperties", "required", "items", "minItems", "maxItems", "uniqueItems",
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "pattern",
-    "anyOf",
+    "anyOf", "propertyNames",
 }  # fmt: skip
 
 

@@ -24,6 +24,9 @@ class ConfigError(ValueError):
     """A config key or value is wrong. The message is one line and names the key."""
 
 
+NAME_PATTERN = "^[A-Za-z0-9_]+$"  # the schema's pattern for dataset and split names
+
+
 def format_hparam(value: float | int | str) -> str:
     """One spelling per value, so that `1e-3`, `0.001` and "1.0e-3" name the same folder."""
     try:
@@ -84,8 +87,13 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "enum":
         choices = ", ".join(str(choice) for choice in error.validator_value)
         return f"config key '{key}': {error.instance!r} is not one of: {choices}"
+    if error.validator == "pattern" and error.validator_value == NAME_PATTERN:
+        return (
+            f"config key '{key}': {error.instance!r} is not a name of letters, digits and "
+            "underscores (names appear in paths, wildcards and table columns)"
+        )
     if error.validator == "pattern":
-        # The schema uses patterns only for numbers that YAML or --config left as strings.
+        # The schema's other patterns are for numbers that YAML or --config left as strings.
         return f"config key '{key}': {error.instance!r} is not a positive number"
     if error.validator in {"oneOf", "anyOf"} and error.context:
         # Report the branch that got furthest, not jsonschema's summary of all branches.
