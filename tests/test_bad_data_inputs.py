@@ -167,6 +167,15 @@ def listed_image_missing(root, _):
     return lambda: decode(root / "test" / "ant" / "9.png")
 
 
+def split_is_an_image(root, _):
+    return lambda: load(root, "test", splits={"train": "train", "test": "test/ant/0.png"})
+
+
+def train_is_a_spreadsheet(root, _):
+    (root / "train.xlsx").write_bytes(b"PK\x03\x04")
+    return lambda: load(root, "test", splits={"train": "train.xlsx", "test": "test"})
+
+
 # name: (build, what the one line must name (besides the file))
 CASES = {
     "list: same path twice": (duplicate_line, ["t.csv:3", "test/ant/0.png", "1 duplicate"]),
@@ -191,6 +200,8 @@ CASES = {
     "truncated image": (truncated_image, ["cut.png", "truncated"]),
     "text file named .jpg": (text_named_jpg, ["notes.jpg", "not a readable image"]),
     "listed image missing": (listed_image_missing, ["9.png", "missing"]),
+    "split is an image file": (split_is_an_image, ["0.png", "neither a folder", "splits.test"]),
+    "train is a spreadsheet": (train_is_a_spreadsheet, ["train.xlsx", ".csv/.txt list"]),
 }
 
 

@@ -799,3 +799,10 @@ def test_the_models_package_only_re_exports_and_needs_no_timm():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_a_misspelt_backbone_is_refused_with_timm_names_close_to_it(tmp_path):
+    from robustft.models.fetch import _download_timm
+
+    with pytest.raises(ValueError, match=r"unknown backbone 'resnet51' .*did you mean .*resnet50"):
+        _download_timm(name="resnet51", cache_dir=tmp_path)

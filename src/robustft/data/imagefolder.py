@@ -31,6 +31,7 @@ from robustft.data.splits import ID_SPLITS, ImageFiles, carve_val, take
 
 log = logging.getLogger(__name__)
 DUPLICATES = ("error", "warn")
+LIST_SUFFIXES = (".csv", ".txt")
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,17 @@ def _class_names(
         return tuple(readers.list_class_folders(path))
     if not path.exists():
         raise _missing(path, split="train", dataset=dataset)
+    if path.suffix.lower() not in LIST_SUFFIXES:
+        raise _not_a_list(path, split="train", dataset=dataset)
     listed = readers.read_path_label_csv(path, image_root=root, classes=None)
     return tuple(sorted(set(listed.labels)))
+
+
+def _not_a_list(path: Path, *, split: str, dataset: str) -> ValueError:
+    return ValueError(
+        f"{path}: split {split!r} of dataset {dataset!r} is neither a folder of class folders "
+        f"nor a {'/'.join(LIST_SUFFIXES)} list (dataset_settings.{dataset}.splits.{split})"
+    )
 
 
 def _listing(root: Path, entry: str, names: tuple[str, ...], *, dataset: str, split: str):
@@ -80,6 +90,8 @@ def _listing(root: Path, entry: str, names: tuple[str, ...], *, dataset: str, sp
         return _Listing(source=path, paths=images.paths, labels=images.labels)
     if not path.exists():
         raise _missing(path, split=split, dataset=dataset)
+    if path.suffix.lower() not in LIST_SUFFIXES:
+        raise _not_a_list(path, split=split, dataset=dataset)
     listed = readers.read_path_label_csv(path, image_root=root, classes=names)
     return _Listing(
         source=path,

@@ -217,6 +217,18 @@ def _check_sha256(path: Path, expected: str | None) -> str:
     return digest
 
 
+def _close_names(name: str) -> str:
+    """ "; did you mean ...?" with timm's pretrained names closest to a misspelt one."""
+    import difflib
+
+    import timm
+
+    tagged = timm.list_pretrained()
+    names = [*tagged, *sorted({full.split(".")[0] for full in tagged})]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.8)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
 def _download_timm(*, name: str, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Let timm download `name`'s pretrained weights into `cache_dir`; return the file."""
     import timm
@@ -229,7 +241,10 @@ def _download_timm(*, name: str, cache_dir: Path) -> tuple[Path, dict[str, Any]]
         )
     except RuntimeError as error:
         if "Unknown model" in str(error) or "Invalid pretrained tag" in str(error):
-            raise ValueError(f"unknown backbone {name!r} (not a timm model name)") from None
+            raise ValueError(
+                f"unknown backbone {name!r} (not a timm model name with a pretrained tag"
+                f"{_close_names(name)})"
+            ) from None
         raise _download_error(name, error) from None
     except Exception as error:  # network errors come in many types (requests, httpx, hf_hub)
         raise _download_error(name, error) from None
