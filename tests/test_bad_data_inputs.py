@@ -167,6 +167,12 @@ def listed_image_missing(root, _):
     return lambda: decode(root / "test" / "ant" / "9.png")
 
 
+def flat_split_folder(root, _):
+    (root / "night").mkdir()
+    save_png(root / "night" / "0.png")
+    return lambda: load(root, "night", splits={"train": "train", "test": "test", "night": "night"})
+
+
 def split_is_an_image(root, _):
     return lambda: load(root, "test", splits={"train": "train", "test": "test/ant/0.png"})
 
@@ -200,6 +206,7 @@ CASES = {
     "truncated image": (truncated_image, ["cut.png", "truncated"]),
     "text file named .jpg": (text_named_jpg, ["notes.jpg", "not a readable image"]),
     "listed image missing": (listed_image_missing, ["9.png", "missing"]),
+    "split folder of images, no classes": (flat_split_folder, ["night", "the flat layout"]),
     "split is an image file": (split_is_an_image, ["0.png", "neither a folder", "splits.test"]),
     "train is a spreadsheet": (train_is_a_spreadsheet, ["train.xlsx", ".csv/.txt list"]),
 }

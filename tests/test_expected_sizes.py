@@ -215,6 +215,25 @@ def test_a_folder_outside_the_official_classes_is_an_error_naming_it(tmp_path):
         load_split(dataset="imagenet", split="r", root=paths, options=options)
 
 
+def test_imagenet_val_in_the_flat_layout_of_the_official_tar_is_named_as_such(tmp_path):
+    """ILSVRC2012_img_val.tar unpacks into one folder of 50,000 images: said as that, not as
+    "0 of 1000 classes: an incomplete copy". A hidden folder beside the classes is no class."""
+    root = fake_data.write_imagenet(tmp_path / "imagenet", classes=3)
+    for image in sorted((root / "val").glob("*/*.JPEG")):
+        image.rename(root / "val" / image.name)
+        if not any(image.parent.iterdir()):
+            image.parent.rmdir()
+    fake_data.save_image(root / "train" / ".ipynb_checkpoints" / "x.JPEG", value=1)
+    with pytest.raises(SizeMismatch) as refused:
+        describe_copy(source="imagenet", root=root, allow_subset=True)
+    message = str(refused.value)
+    assert "\n" not in message and str(root / "val") in message
+    assert "6 images but no class folders: the flat layout" in message
+    options = dataset_options({"allow_subset": ["imagenet"]}, "imagenet")
+    with pytest.raises(ValueError, match="6 images but no class folders: the flat layout"):
+        load_split(dataset="imagenet", split="test", root={"imagenet": root}, options=options)
+
+
 def test_a_download_holding_fewer_images_is_refused_after_download(tmp_path):
     from test_download import Server, imagenet_r_tar
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from robustft.data.sources import IMAGE_EXTENSIONS, flat_layout_message
+
 log = logging.getLogger(__name__)
 
 CIFAR10_CLASSES = (
@@ -40,8 +42,6 @@ CIFAR10_TEST_FILES = ("test_batch.bin",)
 # STL-10 label (1..10, file order: airplane, bird, car, cat, deer, dog, horse, monkey, ship,
 # truck) minus one → CIFAR-10 label; -1 drops the class (monkey has no CIFAR-10 counterpart).
 STL_TO_CIFAR = (0, 2, 1, 3, 4, 5, 7, -1, 8, 9)
-# torchvision's ImageFolder's (torchvision.datasets.folder.IMG_EXTENSIONS), case-insensitive.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # The 62 FMoW categories in WILDS's order (wilds/datasets/fmow_dataset.py: `categories`).
 FMOW_CATEGORIES = (
@@ -220,11 +220,19 @@ def _class_folders(root: Path) -> list[str]:
     return [name for name in folders if name not in hidden and name not in empty]
 
 
+def _no_class_folders(root: Path) -> Exception:
+    with os.scandir(root) as entries:
+        loose = sum(1 for entry in entries if entry.is_file() and is_image(Path(entry.name)))
+    if loose:
+        return ValueError(flat_layout_message(root, images=loose))
+    return FileNotFoundError(f"{root}: no class folders (folders of image files)")
+
+
 def list_class_folders(root: str | Path) -> list[str]:
     root = _require(Path(root), what="folder")
     names = _class_folders(root)
     if not names:
-        raise FileNotFoundError(f"{root}: no class folders (folders of image files)")
+        raise _no_class_folders(root)
     return names
 
 
@@ -250,6 +258,8 @@ def read_class_folders(
         labels += [class_to_label[name]] * len(files)
         skipped += others
     _warn_skipped(root, skipped)
+    if not paths and not _class_folders(root):
+        raise _no_class_folders(root)
     if not paths:
         raise FileNotFoundError(f"{root}: no images in class folders")
     return ImageList(paths=tuple(paths), labels=np.asarray(labels, dtype=np.int64))

@@ -44,7 +44,8 @@ BREEDS_INFO = (
     "https://github.com/MadryLab/BREEDS-Benchmarks/blob/master/imagenet_class_hierarchy/modified"
 )
 BREEDS_INFO_FILES = ("dataset_class_info.json", "class_hierarchy.txt", "node_names.txt")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# torchvision's ImageFolder's (torchvision.datasets.folder.IMG_EXTENSIONS), case-insensitive.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 log = logging.getLogger(__name__)
 
 
@@ -648,12 +649,30 @@ def _count(size: Size, *, root: Path, source: str, memo: dict) -> dict[str, obje
     raise ValueError(f"{source}: unknown way of counting {size.count!r}")
 
 
+def flat_layout_message(folder: Path, *, images: int, what: str = "") -> str:
+    """One line for a split folder that holds images but no class folders."""
+    return (
+        f"{what + ' ' if what else ''}{folder}: {images:,} images but no class folders: the "
+        "flat layout (ImageNet's official val tar unpacks so); sort the images into <class>/ "
+        "folders (ImageNet val: by the devkit's ground truth, as torchvision.datasets.ImageNet "
+        "does)"
+    )
+
+
 def _count_class_folders(folder: Path, *, size: Size, source: str) -> tuple[int, int]:
     """(images, class folders) under `folder`, from directory listings only."""
     official = set(official_classes(size.names)) if size.names else None
     images = classes = 0
     with os.scandir(folder) as entries:
-        folders = sorted((entry for entry in entries if entry.is_dir()), key=lambda e: e.name)
+        listed = list(entries)
+    # Hidden folders (.ipynb_checkpoints) and __MACOSX are not classes, as for the readers.
+    folders = sorted(
+        (e for e in listed if e.is_dir() and not e.name.startswith(".") and e.name != "__MACOSX"),
+        key=lambda e: e.name,
+    )
+    loose = sum(1 for e in listed if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+    if not folders and loose:
+        raise SizeMismatch(flat_layout_message(folder, images=loose, what=SOURCES[source].short))
     for entry in folders:
         if official is not None and entry.name not in official:
             raise SizeMismatch(
