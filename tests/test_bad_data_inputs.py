@@ -297,6 +297,27 @@ def test_lists_with_a_bom_a_header_and_blank_lines(tmp_path, header):
     assert load(root, "test", splits=splits).labels.tolist() == [1]
 
 
+@pytest.mark.parametrize(
+    ("name", "rows"),
+    [
+        # DomainNet's, Office-Home's and VisDA's lists: `path label` (ids), a space in a path.
+        ("list.txt", ["test/ant/0.png 0", "test/ant/my ant 1.png 0", "test/cow/0.png\t1"]),
+        ("list.txt", ["test/ant/0.png ant", "test/ant/my ant 1.png ant", "test/cow/0.png cow"]),
+        ("list.csv", ["path;label", "test/ant/0.png;ant", "test/ant/my ant 1.png;ant", "x;cow"]),
+        ("list.csv", ["test/ant/0.png\tant", "test/ant/my ant 1.png\tant", "x\tcow"]),
+    ],
+)
+def test_lists_separated_by_spaces_semicolons_or_tabs(tmp_path, name, rows):
+    root = write_folders(tmp_path / "mine")
+    save_png(root / "test" / "ant" / "my ant 1.png")
+    rows = [row.replace("x", "test/cow/0.png", 1) if row.startswith("x") else row for row in rows]
+    write_list(root / name, "\n".join(rows) + "\n")
+    test = load(root, "test", splits={"train": "train", "test": name})
+    listed = [os.path.relpath(p, root) for p in test.paths]
+    assert listed == ["test/ant/0.png", "test/ant/my ant 1.png", "test/cow/0.png"]
+    assert test.labels.tolist() == [0, 0, 1]
+
+
 def test_duplicates_warn_keeps_them_with_one_line_each(tmp_path, caplog):
     root = write_folders(tmp_path / "mine")
     write_list(root / "t.csv", "test/ant/0.png,ant\ntrain/cow/1.png,cow\ntest/ant/0.png,ant\n")

@@ -320,10 +320,26 @@ def is_label_id(label: str) -> bool:
     return label.isascii() and label.isdigit()
 
 
+def _list_delimiter(text: str) -> str | None:
+    """How a list's lines separate path and label: a comma; else a semicolon (a European
+    Excel export) or a tab where every line holds one; else None, whitespace (the
+    `path label` .txt lists of DomainNet, Office-Home or VisDA)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines or any("," in line for line in lines):
+        return ","
+    for delimiter in (";", "\t"):
+        if all(delimiter in line for line in lines):
+            return delimiter
+    if all(len(line.split()) >= 2 for line in lines):
+        return None
+    return ","
+
+
 def read_path_label_csv(
     list_file: str | Path, *, image_root: str | Path, classes: Sequence[str] | None
 ) -> LabelList:
-    """`path,label` lines, paths relative to `image_root`; blank lines are skipped.
+    """`path,label` lines, paths relative to `image_root`; blank lines are skipped. Also
+    `path;label`, tab-separated and `path label` lines (`_list_delimiter`).
 
     The first row is a header (e.g. `filepath,class`) when its label is neither a class
     (`classes`; None: a label of another row) nor an integer id and its path is not an image
@@ -332,14 +348,23 @@ def read_path_label_csv(
     path = _require(Path(list_file))
     image_root = Path(image_root)
     text = _read_list_text(path)
-    try:
+    delimiter = _list_delimiter(text)
+    if delimiter is None:  # `path label` lines: the label is the last word
         rows = [
-            (number, [cell.strip() for cell in row])
-            for number, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1)
-            if "".join(row).strip()
+            (number, [cell.strip() for cell in line.rsplit(None, 1)])
+            for number, line in enumerate(text.splitlines(), start=1)
+            if line.strip()
         ]
-    except csv.Error as error:
-        raise ValueError(f"{path}: not a CSV list of 'path,label' lines ({error})") from None
+    else:
+        try:
+            reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+            rows = [
+                (number, [cell.strip() for cell in row])
+                for number, row in enumerate(reader, start=1)
+                if "".join(row).strip()
+            ]
+        except csv.Error as error:
+            raise ValueError(f"{path}: not a CSV list of 'path,label' lines ({error})") from None
     for number, row in rows:
         if len(row) != 2:
             raise ValueError(
