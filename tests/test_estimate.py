@@ -209,3 +209,42 @@ def test_compare_sums_measured_and_estimated_seconds_per_rule(tmp_path):
     assert (row.rule, row.jobs, row.measured_s, row.estimated_s) == ("finetune", 2, 40.0, 36.0)
     assert row.ratio == pytest.approx(0.9)
     assert row.measured_cpu_s == 38.0 and row.cpu_ratio == pytest.approx(36 / 38)
+
+
+def test_own_data_is_counted_from_folders_and_lists_and_missing_data_is_said(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "mine"
+    for split, count in (("train", 10), ("test", 4)):
+        for name in ("ant", "cow"):
+            (root / split / name).mkdir(parents=True)
+            for k in range(count):
+                Image.new("RGB", (8, 8)).save(root / split / name / f"{k}.png")
+    (root / "night.csv").write_text("path,label\ntest/ant/0.png,ant\ntest/cow/0.png,cow\n")
+    own = {"type": "imagefolder", "root": str(root)}
+    splits = {"train": "train", "test": "test", "night": "night.csv", "fog": "fog"}
+    config = {"datasets": ["mine"], "dataset_settings": {"mine": {**own, "splits": splits}}}
+    sizes = estimate.split_sizes(dataset="mine", config=config)
+    assert {split: size.images for split, size in sizes.items()} == {
+        "train": 18,
+        "val": 2,
+        "test": 8,
+        "night": 2,
+        "fog": 0,
+    }
+    assert sizes["fog"].missing == f"{root / 'fog'} missing" and not sizes["night"].missing
+    # Its jobs are "not estimated", with why, rather than costing nothing.
+    job = PlannedJob(
+        rule="prepare_images",
+        wildcards={"backbone": "net", "dataset": "mine", "split": "train"},
+        params={},
+        threads=2,
+        gpus=0,
+    )
+    (cost,) = estimate.estimate_jobs(jobs=[job], config=config, throughput={})
+    assert cost.seconds is None and cost.missing.endswith("fog missing")
+    # With the split there: decoding every image once, on the job's threads.
+    (root / "fog").symlink_to(root / "test")
+    (cost,) = estimate.estimate_jobs(jobs=[job], config=config, throughput={})
+    assert cost.work.prepared_images == 18
+    assert cost.seconds == pytest.approx(estimate.START_S["cpu"] + 18 / (2 * estimate.DECODE_IMG_S))

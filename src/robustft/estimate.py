@@ -277,6 +277,7 @@ def load_throughput(path: str | Path | None = THROUGHPUT_FILE) -> dict[tuple[str
 class SplitSize:
     images: int
     exact: bool = True  # False: an approximation (see `split_sizes`)
+    missing: str = ""  # why nothing could be counted (an imagefolder split not there)
 
 
 # BREEDS (Santurkar et al. 2021): classes × ImageNet subclasses per class, half of them the
@@ -389,12 +390,26 @@ def _count_images(folder: Path) -> int:
 def _imagefolder_sizes(options: Mapping[str, Any], *, fraction: float) -> dict[str, SplitSize]:
     root = Path(options["root"])
     folders = options["splits"]
-    counted = {split: _count_images(root / folder) for split, folder in folders.items()}
-    sizes = {split: SplitSize(count) for split, count in counted.items()}
+    sizes = {split: _count_split(root / entry, root=root) for split, entry in folders.items()}
     if "val" not in folders:
-        train, val = _carve(counted["train"], fraction)
-        sizes["train"], sizes["val"] = SplitSize(train), SplitSize(val)
+        train, val = _carve(sizes["train"].images, fraction)
+        missing = sizes["train"].missing
+        sizes["train"], sizes["val"] = SplitSize(train, missing=missing), SplitSize(val)
     return {split: sizes[split] for split in [*ID_SPLITS, *options["ood_splits"]]}
+
+
+def _count_split(path: Path, *, root: Path) -> SplitSize:
+    """An imagefolder split's images: a folder's by listing, a list file's entries."""
+    if path.is_dir():
+        return SplitSize(_count_images(path))
+    if path.is_file():
+        from robustft.data.readers import read_path_label_csv
+
+        try:
+            return SplitSize(len(read_path_label_csv(path, image_root=root, classes=None).paths))
+        except ValueError as error:
+            return SplitSize(0, missing=str(error))
+    return SplitSize(0, missing=f"{path} missing")
 
 
 def num_classes(*, dataset: str, config: Mapping[str, Any]) -> int:
@@ -447,6 +462,7 @@ class Work:
     probe_flop: float = 0.0
     probe_values: int = 0  # values of C the probe fits
     generated_images: int = 0
+    prepared_images: int = 0  # decoded and resized once into the prepared-image cache
     decodes_files: bool = False
     rate_scale: float = 1.0  # the backbone's rates × this (a toy baseline of another width)
     exact: bool = True
@@ -539,6 +555,9 @@ def job_work(
     own = sizes[dataset]
     decodes = reads_image_files(dataset=dataset, config=config)
     eval_splits = [split for split in own if split != "train"]
+    if rule == "prepare_images":
+        images, exact = _sum_sizes(own, [wildcards["split"]])
+        return Work(rule=rule, dataset=dataset, prepared_images=images, exact=exact)
     if rule == "extract_features":
         images, exact = _sum_sizes(own, [wildcards["split"]])
         return Work(
@@ -704,6 +723,8 @@ def job_seconds(
     seconds = start_s[device]
     if work.generated_images:
         seconds += work.generated_images / TOYSHIFT_GENERATE_IMG_S
+    if work.prepared_images:  # CPU decoding, one image per thread at a time
+        return seconds + work.prepared_images / (decode_img_s * max(1, threads)), ""
     if not (work.train_images or work.eval_images or work.probe_flop):
         return seconds, ""
     backbone = work.backbone or ""
@@ -757,8 +778,27 @@ def estimate_jobs(
     )
     same_rates = toy_variants(config)
     costs = []
+    # A dataset whose split could not be counted: its jobs' images are unknown, not 0.
+    uncounted = {
+        dataset: f"dataset {dataset} split {split}: {size.missing}"
+        for dataset, own in sizes.items()
+        for split, size in own.items()
+        if size.missing
+    }
     for job in jobs:
         work = job_work(job=job, config=config, sizes=sizes, sweep_runs=sweep_runs)
+        dataset = job.wildcards.get("dataset")
+        if dataset in uncounted and not work.light:
+            costs.append(
+                JobCost(
+                    work=work,
+                    seconds=None,
+                    threads=job.threads,
+                    gpus=job.gpus,
+                    missing=uncounted[dataset],
+                )
+            )
+            continue
         if work.backbone in same_rates:
             work = replace(work, backbone=same_rates[work.backbone])
         workers = job.params.get("num_workers") if isinstance(job.params, Mapping) else None
@@ -812,7 +852,7 @@ def cost_table(costs: Sequence[JobCost]) -> list[CostRow]:
         for target in (row, total):
             target.jobs += 1
             target.train_images += work.train_images
-            target.eval_images += work.eval_images
+            target.eval_images += work.eval_images + work.prepared_images
             target.probe_flop += work.probe_flop
             target.exact &= work.exact
             if cost.seconds is None:
