@@ -79,8 +79,9 @@ def summarize_runs(
     """One table row from the per-seed metrics of a method's selected runs.
 
     OOD accuracy of a run is the mean over its OOD splits; the row's OOD is the mean over
-    seeds of that, with its interval. Runs at chance on ID val (`robustness.at_chance`, from
-    what metrics.json records) give a row without numbers that says so in `note`.
+    seeds of that, with its interval. Runs at chance on ID val and ID test
+    (`robustness.at_chance`, from what metrics.json records) give a row without numbers that
+    says so in `note`.
     """
     if not runs:
         raise ValueError(f"no runs for method {method!r}")
