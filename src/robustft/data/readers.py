@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from robustft.data.sources import IMAGE_EXTENSIONS, flat_layout_message
+from robustft.data.sources import IMAGE_EXTENSIONS, flat_layout_message, is_hidden
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,6 @@ def read_npy_pair(data_file: str | Path, labels_file: str | Path) -> tuple[np.nd
 # label ids of the classes after it. Hidden files (`.DS_Store`, AppleDouble `._x.jpg`) are not
 # images.
 
-NOT_CLASS_FOLDERS = ("__MACOSX",)
 LIST_ENCODING = "utf-8-sig"  # a BOM (Excel's "CSV UTF-8") is dropped
 _warned: set[str] = set()
 
@@ -154,11 +153,6 @@ def warn_once(message: str, *, logger: logging.Logger = log) -> None:
 
 def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def is_hidden(name: str) -> bool:
-    """A hidden file or folder, or macOS's `__MACOSX`: never part of a dataset."""
-    return name.startswith(".") or name in NOT_CLASS_FOLDERS
 
 
 def _walk(folder: Path):
@@ -243,8 +237,11 @@ def read_class_folders(
     (as in torchvision's ImageFolder). Folders not in `class_to_label` are an error when
     `strict`, else skipped (ImageNet-R/A hold only 200 of the 1000 classes)."""
     root = _require(Path(root), what="folder")
+    folders = _class_folders(root)
+    if not folders:
+        raise _no_class_folders(root)
     paths, labels, skipped = [], [], []
-    for name in _class_folders(root):
+    for name in folders:
         if name not in class_to_label:
             if strict:
                 known = _short(sorted(class_to_label))
@@ -258,8 +255,6 @@ def read_class_folders(
         labels += [class_to_label[name]] * len(files)
         skipped += others
     _warn_skipped(root, skipped)
-    if not paths and not _class_folders(root):
-        raise _no_class_folders(root)
     if not paths:
         raise FileNotFoundError(f"{root}: no images in class folders")
     return ImageList(paths=tuple(paths), labels=np.asarray(labels, dtype=np.int64))

@@ -46,6 +46,7 @@ BREEDS_INFO = (
 BREEDS_INFO_FILES = ("dataset_class_info.json", "class_hierarchy.txt", "node_names.txt")
 # torchvision's ImageFolder's (torchvision.datasets.folder.IMG_EXTENSIONS), case-insensitive.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+NOT_CLASS_FOLDERS = ("__MACOSX",)
 log = logging.getLogger(__name__)
 
 
@@ -649,6 +650,11 @@ def _count(size: Size, *, root: Path, source: str, memo: dict) -> dict[str, obje
     raise ValueError(f"{source}: unknown way of counting {size.count!r}")
 
 
+def is_hidden(name: str) -> bool:
+    """A hidden file or folder, or macOS's `__MACOSX`: never part of a dataset."""
+    return name.startswith(".") or name in NOT_CLASS_FOLDERS
+
+
 def flat_layout_message(folder: Path, *, images: int, what: str = "") -> str:
     """One line for a split folder that holds images but no class folders."""
     return (
@@ -667,8 +673,7 @@ def _count_class_folders(folder: Path, *, size: Size, source: str) -> tuple[int,
         listed = list(entries)
     # Hidden folders (.ipynb_checkpoints) and __MACOSX are not classes, as for the readers.
     folders = sorted(
-        (e for e in listed if e.is_dir() and not e.name.startswith(".") and e.name != "__MACOSX"),
-        key=lambda e: e.name,
+        (e for e in listed if e.is_dir() and not is_hidden(e.name)), key=lambda e: e.name
     )
     loose = sum(1 for e in listed if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
     if not folders and loose:

@@ -138,11 +138,11 @@ def run_soups(
         init_sha256 = check_shared_initialisation(method=method, runs=runs)
         healthy = {run["run"]: run for run in runs if not run.get("diverged")}
         diverged = sorted(run["run"] for run in runs if run.get("diverged"))
-        first = next(iter(healthy.values()), {})
         if not healthy:
             log.warning("%s seed %d: every run diverged; no soup", method, seed)
             all_diverged.append(seed)
             continue
+        first = next(iter(healthy.values()))
 
         def load(name: str, healthy: Mapping[str, Mapping[str, Any]] = healthy):
             return load_file(str(Path(healthy[name]["path"]).parent / "model.safetensors"))
