@@ -354,3 +354,71 @@ def test_the_probe_records_its_features_provenance_in_metrics_and_head(tmp_path)
     )
     assert {key: metrics[key] for key in provenance} == provenance
     assert load_head(tmp_path / "probe" / "head.safetensors").metadata == provenance
+
+
+def objective_gradient_max(probe, train_x, train_y, *, classes):
+    """The largest entry of the probe objective's gradient at `probe`'s head, in float64."""
+    z = (train_x.astype(np.float64) - probe.mean) / probe.std
+    logits = z @ probe.weight.T + probe.bias
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(train_y)), train_y] -= 1.0
+    lam = 1.0 / (probe.C * len(train_y)) * (2.0 if classes == 2 else 1.0)
+    grad_weight = p.T @ z / len(train_y) + lam * probe.weight
+    grad_bias = p.mean(axis=0)
+    return max(np.abs(grad_weight).max(), np.abs(grad_bias).max())
+
+
+def test_cheap_bfloat16_evaluations_choose_as_float32_ones_and_end_on_an_exact_gradient(
+    monkeypatch,
+):
+    from robustft.probe import solver
+
+    (train_x, train_y), (val_x, val_y), _ = mixture_splits(dim=128, n_train=3000)
+    grid = [float(c) for c in np.logspace(-7, 2, 50)]
+    settings = dict(
+        train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, c_grid=grid, num_classes=5
+    )
+    counts = {"exact": 0, "exact_gradient": 0, "cheap": 0}
+    path_fit = solver._PathProblem.fit
+
+    def counted(self, **kwargs):
+        result = path_fit(self, **kwargs)
+        for kind, count in result["evaluations"].items():
+            counts[kind] += count
+        return result
+
+    monkeypatch.setattr(solver._PathProblem, "fit", counted)
+    monkeypatch.setattr(solver, "_bf16_cpu", lambda: False)  # float32 products only
+    exact = fit_probe_torch(**settings)
+    assert counts["cheap"] == 0
+    counts.update(exact=0, exact_gradient=0)
+    monkeypatch.setattr(solver, "_bf16_cpu", lambda: True)  # as on a CPU with AVX512-BF16
+    cheap = fit_probe_torch(**settings)
+    # Most evaluations are cheap; the float32 ones start and confirm fits.
+    assert counts["cheap"] > counts["exact"] + counts["exact_gradient"]
+    chosen = {
+        probe.C: row for probe in (exact, cheap) for row in probe.sweep if row["C"] == probe.C
+    }
+    assert abs(grid.index(cheap.C) - grid.index(exact.C)) <= 1
+    assert chosen[cheap.C]["val_acc"] == pytest.approx(chosen[exact.C]["val_acc"], abs=0.002)
+    # Every polished fit, the chosen one included, was confirmed by a float32 gradient.
+    assert all(row["grad_max"] <= 1e-5 for row in cheap.sweep if row["polished"])
+    assert objective_gradient_max(cheap, train_x, train_y, classes=5) <= 1.1e-5
+    fitted = {row["C"]: row for row in exact.sweep}
+    for row in cheap.sweep:
+        if row["C"] in fitted and row["polished"] and fitted[row["C"]]["polished"]:
+            assert row["val_acc"] == pytest.approx(fitted[row["C"]]["val_acc"], abs=0.002)
+    # With room for only 2 fits' results (large features), fits whose starts need an older
+    # one begin with a float32 evaluation instead; the choice is the same.
+    path_init = solver._PathProblem.__init__
+
+    def cramped(self, **kwargs):
+        path_init(self, **kwargs)
+        self.results_kept = 2
+
+    monkeypatch.setattr(solver._PathProblem, "__init__", cramped)
+    counts.update(exact=0, exact_gradient=0, cheap=0)
+    tight = fit_probe_torch(**settings)
+    assert counts["cheap"] > 0 and tight.C == cheap.C
+    assert objective_gradient_max(tight, train_x, train_y, classes=5) <= 1.1e-5

@@ -204,31 +204,28 @@ def polish_candidates(
     return sorted(indices)
 
 
-def _start_point(
-    i: int, solutions: Mapping[int, tuple[Any, Any]], log_c: np.ndarray
-) -> tuple[Any, Any] | None:
-    """A warm start for grid index `i` from the solutions fitted so far.
+def _start_point(i: int, fitted: Collection[int], log_c: np.ndarray) -> list[tuple[int, float]]:
+    """A warm start for grid index `i`: (fitted index, coefficient) pairs whose weighted sum
+    of solutions is the start; empty when nothing is fitted yet.
 
     The regularisation path is smooth in log C: between two fitted values it is interpolated,
-    beyond the largest it is extrapolated from the last two, linearly in log C.
+    beyond the largest it is extrapolated from the last two, linearly in log C; a fit to
+    polish starts from itself.
     """
-    below = sorted(j for j in solutions if j < i)
-    above = sorted(j for j in solutions if j > i)
+    if i in fitted:
+        return [(i, 1.0)]
+    below = sorted(j for j in fitted if j < i)
+    above = sorted(j for j in fitted if j > i)
     if below and above:
         a, b = below[-1], above[0]
     elif len(below) >= 2:
         a, b = below[-2], below[-1]
     elif below or above:
-        return solutions[(below or above)[-1 if below else 0]]
+        return [((below or above)[-1 if below else 0], 1.0)]
     else:
-        return None
+        return []
     share = float((log_c[i] - log_c[a]) / (log_c[b] - log_c[a]))
-    weight_a, bias_a = solutions[a]
-    weight_b, bias_b = solutions[b]
-    return (
-        weight_a + share * (weight_b - weight_a),
-        bias_a + share * (bias_b - bias_a),
-    )
+    return [(a, 1.0 - share), (b, share)]
 
 
 class _RowBlocks:
@@ -268,19 +265,35 @@ class _RowBlocks:
         return torch.bmm(head, self.blocks).sum(dim=0).add_(residual[count * block :].T @ self.tail)
 
 
-def _eigenvectors(covariance: Any) -> Any:
-    """The eigenvectors of a symmetric matrix, as a tensor on its device.
+def _bf16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16), per torch's own check."""
+    import torch
 
-    On a CPU through SciPy's divide-and-conquer LAPACK driver (syevd): at 2048 × 2048 on the
-    2-core machine of docs/performance.md, about half the time of torch.linalg.eigh.
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check and check())
+
+
+def _second_moment_eigenvectors(rows: Any, *, double: bool = False) -> Any:
+    """The eigenvectors of rowsᵀ·rows / len(rows), as a tensor on the rows' device.
+
+    On a CPU through SciPy's BLAS and LAPACK: the product as a symmetric rank-k update
+    (syrk, half the work of a general product) and the eigenvectors by the divide-and-conquer
+    driver (syevd), each about half the time of torch's on the 2-core machine of
+    docs/performance.md (2048 features).
     """
     import torch
 
-    if covariance.device.type != "cpu":
-        return torch.linalg.eigh(covariance)[1]
-    from scipy.linalg import eigh
+    if double:
+        rows = rows.double()
+    if rows.device.type != "cpu":
+        return torch.linalg.eigh(rows.T @ rows / len(rows))[1]
+    from scipy.linalg import blas, eigh
 
-    _, vectors = eigh(covariance.numpy(), driver="evd", check_finite=False)
+    update = blas.dsyrk if double else blas.ssyrk
+    # A row-major (n, d) array is a column-major (d, n) one: its product with its transpose,
+    # in the lower triangle, which is all that eigh reads.
+    moment = update(1.0 / len(rows), rows.numpy().T, trans=0, lower=1)
+    _, vectors = eigh(moment, lower=True, driver="evd", check_finite=False)
     return torch.from_numpy(vectors)
 
 
@@ -297,6 +310,9 @@ class _PathProblem:
     curvature (p(1 − p) over examples and classes) at the nearest C already fitted: the
     Hessian is then close to the identity at every C, so that few iterations are enough at
     large and at small C alike.
+
+    On a CPU with native bfloat16 most evaluations are cheap: see `fit`. Logits are held one
+    row per class, (M·K, n), where a CPU's softmax over K is fast.
     """
 
     def __init__(self, *, x: Any, y: Any, classes: int, seed: int = 0) -> None:
@@ -316,16 +332,23 @@ class _PathProblem:
         # In float32 (half the time of float64: a preconditioner needs no more), but float32
         # eigh can fail to converge on real features where most dimensions are exactly zero
         # (an EfficientNet's at 32 px: about 1,000 of 1,280): then in float64.
-        covariance = basis_rows.T @ basis_rows / len(basis_rows)
         try:
-            basis = _eigenvectors(covariance)
+            basis = _second_moment_eigenvectors(basis_rows)
             if not bool(torch.isfinite(basis).all()):
                 raise torch.linalg.LinAlgError("non-finite eigenvectors")
         except (torch.linalg.LinAlgError, np.linalg.LinAlgError):
-            basis = _eigenvectors(covariance.double())
+            basis = _second_moment_eigenvectors(basis_rows, double=True)
         self.basis = basis.to(x.dtype).contiguous()
         self.variance = (check_rows @ self.basis).square_().mean(dim=0)
         self.products = _RowBlocks(x)
+        # A bfloat16 copy for the cheap evaluations of `fit`, on CPUs that multiply bfloat16
+        # natively (AVX512-BF16): its products take half the time of float32 ones there.
+        self.low = x.to(torch.bfloat16) if x.device.type == "cpu" and _bf16_cpu() else None
+        # Each fit's results by key, for later fits to start from cheaply: the latest ones
+        # within 256 MB (logits and residuals, 8·K·n bytes each; most starts combine the
+        # latest fits).
+        self.results: dict[int, dict[str, Any]] = {}
+        self.results_kept = 2**28 // (4 * classes * (2 * self.n + self.dim))
 
     def fit(
         self,
@@ -337,6 +360,8 @@ class _PathProblem:
         tol: float,
         max_iter: int,
         history_size: int,
+        keys: Sequence[int] | None = None,
+        starts: Sequence[Sequence[tuple[int, float]]] | None = None,
     ) -> dict[str, Any]:
         """Fit len(lams) values of λ together from (M, K, D) weights and (M, K) biases.
 
@@ -345,6 +370,14 @@ class _PathProblem:
         than an (n, K) one. It stops at the first point where every member's largest
         absolute gradient entry is at most `tol` (scikit-learn's test, on W and b, not on
         the preconditioned V).
+
+        On a CPU with native bfloat16 (`low`), most evaluations are cheap ones, each going on
+        from the one before (`evaluate`); an exact one (float32) confirms convergence, so that
+        the gradient this returns is always float32's. `keys` name the members' results for
+        later fits, and `starts` say how each member's start combines earlier results ((key,
+        coefficient) pairs, as the weights were combined): then the first evaluation needs no
+        forward product, its logits those results' combination. The evaluation counts by kind
+        come back as "evaluations".
         """
         import torch
 
@@ -382,40 +415,130 @@ class _PathProblem:
             prev_flat_grad=torch.zeros(size, device=device),
             prev_loss=0.0,
         )
-        target = y[:, None, None].expand(n, members, 1)
-        minus_one = torch.full((n, members, 1), -1.0, device=device)
+        target = y[None, None, :].expand(members, 1, n)
+        minus_one = torch.full((members, 1, n), -1.0, device=device)
+        low = self.low
+        # The last evaluation, from which the cheap ones go on (with `low` only).
+        last: dict[str, Any] = {}
+        counts = {"exact": 0, "exact_gradient": 0, "cheap": 0}
+        if (
+            low is not None
+            and starts is not None
+            and all(key in self.results for start in starts for key, _ in start)
+        ):
+            last.update(self._start_state(starts, biases), at_start=True)
+            last["flat"] = weights.reshape(members * classes, self.dim)
+
+        def evaluate(
+            weight: Any, bias: Any, *, exact: bool, exact_gradient: bool, at_start: bool = False
+        ) -> dict[str, Any]:
+            """Loss terms, residuals and the data part of the gradient at (weight, bias).
+
+            Exact: float32 products. Cheap: the last evaluation's logits and data gradient
+            plus bfloat16 products of the changes since (weights, then residuals): their
+            rounding, 2⁻⁸ of each change, shrinks with the steps as L-BFGS converges.
+            `exact_gradient` with cheap logits: the gradient of the loss at those logits,
+            in float32, so that the line search still compares like with like."""
+            flat, bias_flat = weight.reshape(members * classes, self.dim), bias.reshape(-1)
+            if exact:
+                logits = self.products.times_transposed(flat, bias_flat).T.contiguous()
+                exact_logits = True
+            elif at_start:
+                # L-BFGS evaluates its start first, and these are the logits there, combined
+                # from earlier results (its weights, rotated there and back, differ from the
+                # start's in float32 rounding only).
+                logits, exact_logits = last["logits"], last["exact_logits"]
+            else:
+                logits = (flat - last["flat"]).to(torch.bfloat16) @ low.T
+                logits = (
+                    logits.float().add_(last["logits"]).add_((bias_flat - last["bias"])[:, None])
+                )
+                exact_logits = False
+            scores = logits.view(members, classes, n)  # one row per class: fast softmax on a CPU
+            correct = (scores.gather(1, target) >= scores.amax(dim=1, keepdim=True)).sum(dim=(1, 2))
+            log_p = torch.log_softmax(scores, dim=1)
+            if low is None:
+                del logits, scores  # kept only to go on from; at ImageNet size each is 10 GB
+            # Summed in float64: at small C the loss is log(K) plus changes far below
+            # float32's resolution there, which the line search must still see.
+            nll = -log_p.gather(1, target).squeeze(1).double().mean(dim=1)
+            residual = log_p.exp_()
+            curvature_now = residual.mean(dim=(1, 2)) - residual.square().mean(dim=(1, 2))
+            residual = residual.scatter_add_(1, target, minus_one).div_(n).view(-1, n)
+            if exact or exact_gradient:
+                grad_data, error = self.products.transposed_times(residual.T.contiguous()), 0.0
+            elif at_start and last["same_point"]:
+                grad_data, error = last["grad_data"], last["error"]  # where the results are
+            else:
+                change = (residual - last["residual"]).to(torch.bfloat16).T.contiguous().T @ low
+                error = last["error"] + 2.0**-7 * float(change.abs().max())
+                grad_data = change.float().add_(last["grad_data"])
+            saved = {}
+            if low is not None:  # what the next cheap evaluation goes on from
+                saved = {
+                    "logits": logits,
+                    "exact_logits": exact_logits,
+                    "residual": residual,
+                    "grad_data": grad_data,
+                }
+                last.update(saved, flat=flat, bias=bias_flat, error=error)
+            counts["exact" if exact else "exact_gradient" if exact_gradient else "cheap"] += 1
+            grad_weight = grad_data.view(members, classes, self.dim) + weight * lam[:, None, None]
+            grad_bias = residual.view(members, classes, n).sum(dim=2)
+            grad_max = torch.maximum(
+                grad_weight.abs().amax(dim=(1, 2)), grad_bias.abs().amax(dim=1)
+            )
+            return {
+                "nll": nll,
+                "correct": correct,
+                "curvature": curvature_now,
+                "grad_weight": grad_weight,
+                "grad_bias": grad_bias,
+                "grad_max": grad_max,
+                "error": error,
+                "exact": exact_logits and error == 0.0,
+                **saved,
+            }
+
         seen: list[dict[str, Any]] = []
+        shift = [0.0]  # what the exact evaluations' losses are moved by (see below)
+        finishing = [False]  # an exact evaluation at the point L-BFGS returned
 
         def closure() -> Any:
             with torch.no_grad():
                 weight = (v * scale) @ basis.T
                 bias = beta / bias_scale
-                flat = weight.reshape(members * classes, self.dim)
-                logits = self.products.times_transposed(flat, bias.reshape(-1))
-                logits = logits.view(n, members, classes)
-                correct = (logits.argmax(dim=2) == y[:, None]).sum(dim=0)
-                log_p = torch.log_softmax(logits, dim=2)
-                del logits  # at ImageNet size each (n, M, K) array is 10 GB
-                # Summed in float64: at small C the loss is log(K) plus changes far below
-                # float32's resolution there, which the line search must still see.
-                nll = -log_p.gather(2, target).squeeze(2).double().mean(dim=0)
-                penalty = 0.5 * lam.double() * weight.double().square().sum(dim=(1, 2))
-                residual = log_p.exp_()
-                curvature_now = residual.mean(dim=(0, 2)) - residual.square().mean(dim=(0, 2))
-                residual.scatter_add_(2, target, minus_one).div_(n)
-                grad_weight = self.products.transposed_times(residual.view(n, -1))
-                grad_weight = grad_weight.view(members, classes, self.dim)
-                grad_weight.add_(weight * lam[:, None, None])
-                grad_bias = residual.sum(dim=0)
-                grad_max = torch.maximum(
-                    grad_weight.abs().amax(dim=(1, 2)), grad_bias.abs().amax(dim=1)
+                # Exact with nothing to go on from. At a start whose logits are exact
+                # (combined from exact results), an exact gradient makes the evaluation exact,
+                # unless the start is where those results are (their gradient is known).
+                # Later, the gradient anew whenever the cheap evaluations' rounding may have
+                # reached the gradient they measure.
+                exact = low is None or not last or finishing[0]
+                at_start = not exact and last.pop("at_start", False)
+                exact_gradient = not exact and (
+                    last["error"] > max(last["grad"], tol)
+                    or (at_start and last["exact_logits"] and not last["same_point"])
                 )
+                result = evaluate(
+                    weight, bias, exact=exact, exact_gradient=exact_gradient, at_start=at_start
+                )
+                if not result["exact"] and bool((result["grad_max"] <= tol).all()):
+                    # Converged by the cheap evaluation: confirmed by an exact one. The cheap
+                    # logits' rounding shifts the loss a little (at small C by more than
+                    # the line search's steps change it): the losses that follow keep the
+                    # cheap level, since L-BFGS compares them with the ones before.
+                    cheap_nll = result["nll"].sum()
+                    result = evaluate(weight, bias, exact=True, exact_gradient=True)
+                    shift[0] += float(cheap_nll - result["nll"].sum())
+                grad_max = result["grad_max"]
+                last["grad"] = float(grad_max.max())
+                penalty = 0.5 * lam.double() * weight.double().square().sum(dim=(1, 2))
                 if bool((grad_max <= tol).all()):
                     # Converged: a zero gradient ends torch's L-BFGS at this point.
                     v.grad, beta.grad = torch.zeros_like(v), torch.zeros_like(beta)
                 else:
-                    v.grad = (grad_weight @ basis) * scale
-                    beta.grad = grad_bias / bias_scale
+                    v.grad = (result["grad_weight"] @ basis) * scale
+                    beta.grad = result["grad_bias"] / bias_scale
                 seen.append(
                     {
                         "v": v.detach().clone(),
@@ -423,12 +546,18 @@ class _PathProblem:
                         "weight": weight,
                         "bias": bias,
                         "grad_max": grad_max,
-                        "correct": correct,
-                        "curvature": curvature_now,
+                        "exact": result["exact"],
+                        "correct": result["correct"],
+                        "curvature": result["curvature"],
+                        "state": {
+                            key: result[key]
+                            for key in ("logits", "exact_logits", "residual", "grad_data", "error")
+                            if key in result
+                        },
                     }
                 )
                 del seen[:-4]
-            return (nll + penalty).sum()
+            return (result["nll"] + penalty).sum() + shift[0]
 
         optimizer.step(closure)
         # The line search may end on a trial point it did not accept: take the evaluation
@@ -437,13 +566,71 @@ class _PathProblem:
             (s for s in reversed(seen) if torch.equal(s["v"], v) and torch.equal(s["beta"], beta)),
             None,
         )
-        if final is None:
+        if final is None or not final["exact"]:
+            # Not converged (or the line search ended elsewhere): the gradient reported is
+            # float32's at the point returned.
+            finishing[0] = True
             closure()
             final = seen[-1]
         state = optimizer.state[v]
         final["n_iter"] = int(state.get("n_iter", 1)) - 1
         final["func_evals"] = int(state.get("func_evals", 0))
+        final["evaluations"] = counts
+        if keys is not None and low is not None and self.results_kept > 0:
+            state = final["state"]
+            for member, key in enumerate(keys):
+                rows = slice(member * classes, (member + 1) * classes)
+                self.results.pop(key, None)  # the newest last
+                while len(self.results) >= self.results_kept:
+                    del self.results[next(iter(self.results))]
+                self.results[key] = {
+                    "logits": state["logits"][rows],
+                    "residual": state["residual"][rows],
+                    "grad_data": state["grad_data"][rows],
+                    "exact_logits": state["exact_logits"],
+                    "error": state["error"],
+                }
         return final
+
+    def _start_state(
+        self, starts: Sequence[Sequence[tuple[int, float]]], biases: Any
+    ) -> dict[str, Any]:
+        """The state a first cheap evaluation goes on from: each member's logits combined
+        from earlier results as its start was (exact: logits are linear in the weights),
+        and the residuals and data gradient of the result with the largest coefficient
+        (zero from the origin), which the first evaluation's gradient is a change from."""
+        import torch
+
+        logits, residual, grad_data, error, exact_logits = [], [], [], 0.0, True
+        for member, start in enumerate(starts):
+            if not start:  # the origin: no weights, so the biases are the logits
+                logits.append(biases[member][:, None].expand(self.classes, self.n))
+                residual.append(torch.zeros(self.classes, self.n, device=self.x.device))
+                grad_data.append(torch.zeros(self.classes, self.dim, device=self.x.device))
+                error = math.inf  # nothing to go on from: the first gradient is exact
+                continue
+            logits.append(sum(c * self.results[key]["logits"] for key, c in start))
+            nearest = self.results[max(start, key=lambda pair: abs(pair[1]))[0]]
+            residual.append(nearest["residual"])
+            grad_data.append(nearest["grad_data"])
+            exact_logits = exact_logits and all(
+                self.results[key]["exact_logits"] for key, _ in start
+            )
+            error = max(
+                error,
+                sum(abs(c) for _, c in start) * max(self.results[key]["error"] for key, _ in start),
+            )
+        return {
+            "bias": biases.reshape(-1),
+            "logits": torch.cat(logits),
+            "residual": torch.cat(residual),
+            "grad_data": torch.cat(grad_data),
+            "exact_logits": exact_logits,
+            "error": error,
+            "grad": float("inf"),
+            # Every member starts where one earlier result is (a fit polished from itself).
+            "same_point": all(len(start) == 1 and start[0][1] == 1.0 for start in starts),
+        }
 
 
 def fit_probe_torch(
@@ -493,6 +680,11 @@ def fit_probe_torch(
     (`polish_candidates`); C is chosen among the polished fits. That is the choice of the exact
     optima whenever a fit at `tol` is within `polish_reach` of its optimum's val accuracy.
     `refine_tol=None` (or `tol`) turns polishing off: every converged fit counts as polished.
+
+    On a CPU with AVX512-BF16 most of the objective's evaluations are cheap bfloat16 updates
+    of the one before, and a float32 evaluation confirms each fit's convergence
+    (`_PathProblem.fit`): the fits and the choice are float32's, in about two thirds of the
+    time (docs/performance.md).
     """
     import torch
 
@@ -534,27 +726,39 @@ def fit_probe_torch(
     def fit(indices: list[int], *, polish: bool) -> None:
         starts, curvatures = [], []
         for i in indices:
-            # A fit to polish starts from itself; a new one from the path.
-            starts.append(solutions.get(i) or _start_point(i, solutions, log_c) or origin)
+            combination = _start_point(i, solutions, log_c)
+            starts.append(combination)
             nearest = min(curvature, key=lambda j: abs(j - i), default=None)
             # At C → 0 every class has probability ≈ 1/K: curvature (1 − 1/K)/K.
             guess = curvature[nearest] if nearest is not None else (1 - 1 / classes) / classes
             curvatures.append(guess)
+
+        def combine(combination: list[tuple[int, float]], part: int) -> torch.Tensor:
+            if not combination:
+                return origin[part]
+            return sum(coefficient * solutions[j][part] for j, coefficient in combination)
+
         result = problem.fit(
             lams=[penalty / (grid[i] * n) for i in indices],
-            weights=torch.stack([start[0] for start in starts]),
-            biases=torch.stack([start[1] for start in starts]),
+            weights=torch.stack([combine(start, 0) for start in starts]),
+            biases=torch.stack([combine(start, 1) for start in starts]),
             curvatures=curvatures,
+            keys=indices,
+            starts=starts,
             tol=refine_tol if polish else tol,
             max_iter=max_iter,
             history_size=history_size,
         )
+        with torch.no_grad():  # every member's val predictions from one product
+            flat = result["weight"].reshape(-1, dim)
+            val_logits = torch.addmm(result["bias"].reshape(-1), val_z, flat.T)
+            val_predictions = val_logits.view(len(val_t), len(indices), classes).argmax(dim=2)
+            val_corrects = (val_predictions == val_t[:, None]).sum(dim=0)
         for member, i in enumerate(indices):
             weight, bias = result["weight"][member], result["bias"][member]
             solutions[i] = (weight, bias)
             curvature[i] = float(result["curvature"][member])
-            with torch.no_grad():
-                val_correct = (torch.addmm(bias, val_z, weight.T).argmax(dim=1) == val_t).sum()
+            val_correct = val_corrects[member]
             grad_max = float(result["grad_max"][member])
             sweep[i] = {
                 "C": grid[i],
@@ -589,8 +793,12 @@ def fit_probe_torch(
         # The whole coarse grid, in ascending groups: val accuracy need not be unimodal in C
         # (real features can have a second, higher peak at large C), and nothing seen at
         # small C bounds what larger C reach.
-        for start in range(0, len(first), together):
-            fit(first[start : start + together], polish=False)
+        # The first group is twice as large: the most regularised fits lie close to the origin
+        # and take few iterations, so a pass over the data serves more of them.
+        groups = [first[: 2 * together]]
+        groups += [first[i : i + together] for i in range(2 * together, len(first), together)]
+        for group in groups:
+            fit(group, polish=False)
         # Then bisect every gap between neighbouring fits that could hold the full sweep's
         # choice (`refinement`), at tol: this only finds where the peak is.
         while indices := refinement(
