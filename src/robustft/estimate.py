@@ -66,7 +66,9 @@ LIGHT_START_S = 2.0  # rules that push no images (select_run, tables, plots, man
 # value of C on the grid (78 passes for the 50-value grid on the benchmark mixture of
 # benchmarks/probe.py), each pass 4·n·d·K FLOP for each of the `together` = 2 values fitted
 # at once; sustained float32 FLOP/s: CPU per thread measured by that benchmark here (about
-# 53 GFLOP/s on 2 threads), GPU a round 15 TFLOP/s (an A100's float32 peak is 19.5).
+# 53 GFLOP/s on 2 threads), GPU a round 15 TFLOP/s (an A100's float32 peak is 19.5). On CPUs
+# with AVX512-BF16 its cheap bfloat16 evaluations make it about 1.4× faster: not modelled, so
+# the estimate errs high there.
 PROBE_PASSES_PER_C = 1.6
 PROBE_TOGETHER = 2
 PROBE_FLOP_S = {"cpu": 26e9, "gpu": 15e12}
