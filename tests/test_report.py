@@ -172,6 +172,56 @@ def test_a_selected_point_at_chance_is_flagged_not_reported_as_a_number(tmp_path
     assert "at chance" in markdown and "50.0 ±" not in markdown.split("| ft")[1].split("\n")[0]
 
 
+def test_a_wiseft_interpolation_at_chance_is_flagged_not_reported_as_a_number(tmp_path):
+    """WiSE-FT's row reads its curves, which record chance as runs do: an interpolation that
+    learned nothing says so; one that learned, and curves from before, give their numbers."""
+    chance = {
+        "chance_id_val": 0.5,
+        "id_val_examples": 100,
+        "chance_id_test": 0.5,
+        "id_test_examples": 100,
+    }
+
+    def curves(name: str, accuracy: float, recorded: dict) -> list[str]:
+        paths = []
+        for seed in (0, 1):
+            path = tmp_path / name / f"seed{seed}.csv"
+            path.parent.mkdir(exist_ok=True)
+            rows = [
+                {"method": "ft", "run": "lr0.01", "seed": seed, "alpha": alpha, "id_val": accuracy,
+                 "id_test": accuracy, "ood_real": accuracy, "ood_clipart": accuracy, **recorded}
+                for alpha in (0.0, 0.5, 1.0)
+            ]  # fmt: skip
+            pd.DataFrame(rows).to_csv(path, index=False)
+            paths.append(str(path))
+        return paths
+
+    tables = {}
+    for name, accuracy, recorded in (
+        ("at_chance", 0.52, chance),
+        ("learned", 0.7, chance),
+        ("older", 0.52, {}),
+    ):
+        tables[name] = aggregate_dataset(
+            dataset="toy",
+            sources={
+                "wiseft/bb": {
+                    "curves": curves(name, accuracy, recorded),
+                    "alpha": 0.5,
+                    "endpoint": "ft",
+                }
+            },
+            ood_splits=["real", "clipart"],
+            csv_path=tmp_path / f"{name}.csv",
+            md_path=tmp_path / f"{name}.md",
+        ).iloc[0]
+    assert math.isnan(tables["at_chance"]["id"]) and math.isnan(tables["at_chance"]["ood"])
+    assert tables["at_chance"]["note"].startswith("at chance: ID val 52.0% (majority class 50.0%)")
+    assert "52.0 ±" not in (tmp_path / "at_chance.md").read_text()
+    assert tables["learned"]["id"] == pytest.approx(0.7)
+    assert tables["older"]["id"] == pytest.approx(0.52)  # results from before: as they were
+
+
 def test_effective_robustness_refuses_a_baseline_made_from_other_data(tmp_path):
     import pytest
 

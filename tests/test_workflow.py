@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from robustft.robustness import logit
+from robustft.robustness import CHANCE_KEYS, logit
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -190,6 +190,9 @@ def test_wiseft_curves_span_the_pretrained_and_finetuned_models(tiny_run):
             )
             run = next(r for r in selection["runs"] if r["seed"] == seed)
             rows = curve[curve["method"] == method].set_index("alpha")
+            # So that the WiSE-FT row is flagged when at chance, as the runs' rows are.
+            for key in CHANCE_KEYS:
+                assert (rows[key] == probe[key]).all(), key
             for column in ("id_val", "id_test", "ood_real"):
                 # α = 0: the pretrained backbone with the probe head; α = 1: the selected run.
                 assert rows.loc[0.0, column] == pytest.approx(probe[column], abs=1e-9)

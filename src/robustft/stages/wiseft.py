@@ -14,6 +14,7 @@ from robustft.data.registry import split_column
 from robustft.evaluate import ece_column, score
 from robustft.io import write_csv
 from robustft.models import HEAD_FILE, ImageClassifier, load_backbone
+from robustft.robustness import chance_record
 from robustft.stages.common import eval_sets, eval_transform, load_splits, run_splits, set_head
 from robustft.stages.finetune import check_probe_head, load_probe_head, probe_head_provenance
 
@@ -103,6 +104,11 @@ def run_wiseft(
         prepared=prepared,
         data_fingerprint=data_fingerprint,
     )
+    # On every row, so that a table can flag an interpolation at chance (`report.wiseft_row`).
+    chance = chance_record(
+        id_val=splits["val"].labels,
+        id_test=splits["test"].labels if "test" in splits else None,
+    )
     rows: list[dict[str, Any]] = []
     for method, selection_file in selection_files.items():
         selection = selections[method]
@@ -135,6 +141,7 @@ def run_wiseft(
                     **scores,
                     "ood": float(np.mean(ood)) if ood else float("nan"),
                     **{ece_column(name): value.ece for name, value in scored.items()},
+                    **chance,
                 }
             )
             log.info("%s α=%.2f: %s", method, alpha, {k: round(v, 4) for k, v in scores.items()})
