@@ -58,9 +58,10 @@ DEVICES = ("cpu", "gpu")
 # worth of decoding, so a job with w workers reads at most w × this from image files.
 DECODE_IMG_S = 390.0
 # Fixed cost of a job: interpreter, imports, reading the data, loading the weights. CPU:
-# measured on the 2-core machine of docs/estimate.md (`--compare`); GPU: plus CUDA start-up
+# fitted to two runs of the default experiment on the 2-core machine of docs/estimate.md
+# (`--compare`: short jobs took 1.9 s and 2.75 s each on two days); GPU: plus CUDA start-up
 # and cuDNN autotuning, a rough figure (a few seconds against hours at paper scale).
-START_S = {"cpu": 3.0, "gpu": 15.0}
+START_S = {"cpu": 2.2, "gpu": 15.0}
 LIGHT_START_S = 2.0  # rules that push no images (select_run, tables, plots, manifests)
 # The probe (`robustft.probe.fit_probe_torch`): L-BFGS passes over the training features per
 # value of C on the grid (78 passes for the 50-value grid on the benchmark mixture of
